@@ -1,0 +1,175 @@
+"""Ling preset + layout -> Megatron TransformerConfig -> GPTModel (the only model code path)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ring.models.presets import LingArch
+from megatron_ring.models.spec import have_transformer_engine, ling_block_spec
+from megatron_ring.platform.layout import Layout
+
+VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of divisible_by * TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(
+    arch: LingArch,
+    layout: Layout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float | None = None,
+    use_te: bool = False,
+    meta_device: bool = False,
+    init_method_std: float = 0.02,
+) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.moe_ffn_hidden_size,  # unused: every Ling layer is MoE
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        # Ling's router: linear without bias -> softmax in fp32 -> top-k -> renormalised top-k
+        # weights. Megatron's softmax router with pre_softmax=False takes the top-k logits and
+        # softmaxes over them, which is the same distribution (p_i / sum_topk p_j).
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff * _router_loss_tp_factor(layout),
+        moe_z_loss_coeff=(z_loss_coeff * _router_loss_tp_factor(layout)) or None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=use_te,
+        # Losses are token sums divided by the global batch's loss-token count in
+        # finalize_model_grads; the router reads this flag at construction to scale its z-loss.
+        calculate_per_token_loss=True,
+        # Parallelism: experts are not tensor-parallel, so EP ranks span TP x DP.
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        # Fusions that need apex/TE/CUDA kernels stay off without them.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu and use_te,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu or meta_device,
+        perform_initialization=not meta_device,
+    )
+
+
+def _router_loss_tp_factor(layout: Layout) -> int:
+    """megatron-core 0.16.1, per-token loss mode, sequence parallel: each TP rank routes a
+    disjoint sequence shard and scales its router losses by its own token count, yet the router
+    still divides the z-loss by the TP size (and the load-balancing loss, normalised by the
+    TP-group token count, shrinks the same way). Both end up weighted 1/TP relative to TP=1.
+    Multiplying the coefficients by TP restores layout-independent gradients; the TP
+    equivalence tests fail if a Megatron upgrade changes this."""
+    return layout.tp
+
+
+class NormHeadLinear(tensor_parallel.ColumnParallelLinear):
+    """Ling's norm_head: logits use the L2-normalised rows of the output weight.
+
+    Rows are vocabulary entries, so under vocab-parallel TP each rank normalises its own rows.
+    """
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        weight = F.normalize(self.weight if weight is None else weight, dim=1)
+        return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+
+
+class LingModel(GPTModel):
+    """Megatron's GPTModel with the Ling architecture facts attached."""
+
+    def __init__(self, arch: LingArch, config: TransformerConfig, spec, vocab_size: int):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=arch.rope_theta,
+            parallel_output=True,
+        )
+        self.arch = arch
+        if arch.norm_head:
+            # GPTModel builds a plain ColumnParallelLinear; NormHeadLinear adds no state.
+            self.output_layer.__class__ = NormHeadLinear
+
+    def output_weight(self) -> torch.Tensor:
+        """The local vocab shard of the weight the logits are computed from."""
+        w = self.output_layer.weight
+        return F.normalize(w, dim=1) if self.arch.norm_head else w
+
+
+def build_model(
+    arch: LingArch,
+    layout: Layout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float | None = None,
+    use_te: bool | None = None,
+    meta_device: bool = False,
+) -> LingModel:
+    """Build the local shard of the model. Model-parallel state must be initialised first."""
+    if use_te is None:
+        use_te = have_transformer_engine() and torch.cuda.is_available()
+    config = transformer_config(
+        arch, layout, params_dtype=params_dtype, aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=z_loss_coeff, use_te=use_te, meta_device=meta_device,
+    )
+    vocab = padded_vocab_size(arch.vocab_size, layout.tp)
+    ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
+    with ctx:
+        model = LingModel(arch, config, ling_block_spec(arch, use_te=use_te), vocab)
+    _mark_expert_params(model)
+    return model
+
+
+def _mark_expert_params(model: LingModel) -> None:
+    """Reduce routed-expert gradients over the expert-data-parallel group at every EP size.
+
+    Megatron marks expert weights allreduce=False (expert-DP reduction) only when EP > 1. With
+    expert_tensor_parallel_size=1 and TP > 1, experts are replicated over the TP ranks, each of
+    which routes its own sequence shard, so even at EP = 1 their gradients must be summed over
+    the expert-DP group (which spans those TP ranks), not the dense DP group.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

@@ -1,0 +1,40 @@
+"""Megatron layer specs for Ling: the Transformer-Engine spec when TE imports, else the local one."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_ring.models.norm import RMSNorm
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def ling_block_spec(arch, use_te: bool | None = None) -> TransformerBlockSubmodules:
+    """Every Ling layer is the same MoE layer; the block ends in a final RMSNorm."""
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts, moe_grouped_gemm=True
+        )
+        final_norm = TENorm
+    else:
+        layer = get_gpt_layer_local_spec(
+            num_experts=arch.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        )
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        final_norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * arch.num_layers, layer_norm=final_norm)

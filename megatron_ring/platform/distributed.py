@@ -1,0 +1,69 @@
+"""Process groups: torch.distributed (NCCL on GPU, gloo on CPU) plus Megatron's parallel state."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_ring.platform import cpu_compat
+from megatron_ring.platform.layout import Layout
+
+
+def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
+    """Join the job's process group (torchrun env, or a single process) and set up TP/EP/DP."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu = cpu_compat.apply()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if not dist.is_initialized():
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "gloo" if cpu else "nccl"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=timedelta(minutes=10))
+        else:  # a lone process needs no rendezvous
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    layout = Layout(tp=layout_tp, ep=layout_ep, world_size=dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=1,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def shutdown():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m <argv>` as nproc local processes under torchrun (one node)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--nnodes=1", f"--master-port={free_port()}", "--master-addr=127.0.0.1", *argv]
+    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    full_env.update(env or {})
+    return subprocess.run(cmd, env=full_env, **kwargs)
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ

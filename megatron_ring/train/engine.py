@@ -1,0 +1,103 @@
+"""One optimizer step with Megatron's own DDP, distributed optimizer and forward-backward schedule.
+
+The loss is a sum over tokens divided by the number of loss tokens in the whole global batch
+(Megatron's calculate_per_token_loss mode): every micro-batch returns (sum, count), DDP sums
+gradients over data-parallel ranks, and finalize_model_grads divides by the all-reduced count.
+That keeps a token's weight independent of how the batch was split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ring.models.lm_loss import token_nll
+
+
+@dataclass
+class Batch:
+    """One micro-batch: tokens, next-token labels, and which labels carry loss."""
+
+    input_ids: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]
+    loss_mask: torch.Tensor  # [b, s] float
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.input_ids.shape
+        return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool = True) -> DistributedDataParallel:
+    assert model.config.calculate_per_token_loss, "build the model with build_model()"
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(ddp, *, lr: float, weight_decay: float = 0.1, clip_grad: float = 1.0,
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.95, use_distributed_optimizer: bool = True):
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        clip_grad=clip_grad, bf16=ddp.config.bf16, params_dtype=ddp.config.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [ddp])
+
+
+def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
+    nll = token_nll(logits, batch.labels, true_vocab)
+    mask = batch.loss_mask.float()
+    loss_sum = (nll * mask).sum()
+    n_tokens = mask.sum().to(torch.int)
+    return loss_sum, n_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(true_vocab: int, data_iterator, model):
+    batch = next(data_iterator)
+    logits = model(batch.input_ids, batch.position_ids, None)
+    return logits, partial(_loss_func, batch, true_vocab)
+
+
+def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False) -> dict:
+    """Run the schedule over this rank's micro-batches; returns the loss summed over the
+    data-parallel group, and the number of loss tokens it was divided by."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    true_vocab = ddp.module.arch.vocab_size
+    b, s = micro_batches[0].input_ids.shape
+    reduced = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, true_vocab),
+        data_iterator=iter(micro_batches),
+        model=[ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+    totals = torch.stack([r["lm_loss"] for r in reduced]).sum(0)
+    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
+
+
+def train_step(ddp, optimizer, micro_batches: Iterable[Batch]) -> dict:
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = forward_backward(ddp, list(micro_batches))
+    ok, grad_norm, _ = optimizer.step()
+    out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), update_ok=bool(ok))
+    return out
