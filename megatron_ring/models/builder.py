@@ -30,7 +30,7 @@ def transformer_config(
     *,
     params_dtype: torch.dtype = torch.float32,
     aux_loss_coeff: float = 0.0,
-    z_loss_coeff: float | None = None,
+    z_loss_coeff: float = 0.0,
     use_te: bool = False,
     meta_device: bool = False,
     init_method_std: float = 0.02,
@@ -64,7 +64,7 @@ def transformer_config(
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
         moe_aux_loss_coeff=aux_loss_coeff * _router_loss_tp_factor(layout),
-        moe_z_loss_coeff=(z_loss_coeff * _router_loss_tp_factor(layout)) or None,
+        moe_z_loss_coeff=z_loss_coeff * _router_loss_tp_factor(layout) if z_loss_coeff else None,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=use_te,
         # Losses are token sums divided by the global batch's loss-token count in
@@ -143,7 +143,7 @@ def build_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     aux_loss_coeff: float = 0.0,
-    z_loss_coeff: float | None = None,
+    z_loss_coeff: float = 0.0,
     use_te: bool | None = None,
     meta_device: bool = False,
 ) -> LingModel:

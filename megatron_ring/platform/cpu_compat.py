@@ -142,7 +142,9 @@ def _patch_torch_cuda():
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: None
+    # Megatron's RNG tracker seeds "CUDA" states by manual_seed + get_rng_state: seed the CPU.
+    # (torch.manual_seed itself calls cuda.manual_seed_all, so seed the generator directly.)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: None
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
@@ -163,6 +165,20 @@ def _patch_megatron():
     # token_dispatcher imported the function by name, so patch both places.
     moe_utils.maybe_move_tensor_to_cpu = _gloo_split_sizes
     token_dispatcher.maybe_move_tensor_to_cpu = _gloo_split_sizes
+
+    # Without apex/TE the distributed optimizer wraps torch Adam, whose per-parameter state has a
+    # 'step' tensor. Its checkpoint loaders skip 'step' in the loaded tensors (load_state_dict
+    # restores it from the param groups) but then copy every key of the live state: KeyError.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    def _set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        live = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            live[key].copy_(value)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
 
 
 def apply() -> bool:

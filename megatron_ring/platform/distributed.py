@@ -37,6 +37,8 @@ def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=1,
     )
+    # CPU initialisation (use_cpu_initialization) draws from the default generator.
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
 

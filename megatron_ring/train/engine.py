@@ -16,6 +16,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ring.models.lm_loss import token_nll
@@ -58,6 +59,18 @@ def build_optimizer(ddp, *, lr: float, weight_decay: float = 0.1, clip_grad: flo
     return get_megatron_optimizer(config, [ddp])
 
 
+def build_scheduler(optimizer, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                    style: str = "constant", min_lr: float = 0.0, weight_decay: float = 0.1):
+    """Megatron's scheduler: sets lr each step and applies each group's lr/wd multipliers
+    (norms get wd_mult 0, which nothing applies without it)."""
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=max(total_steps, 1), lr_decay_style=style,
+        start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
 def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
     nll = token_nll(logits, batch.labels, true_vocab)
     mask = batch.loss_mask.float()
@@ -94,10 +107,11 @@ def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
 
 
-def train_step(ddp, optimizer, micro_batches: Iterable[Batch]) -> dict:
+def train_step(ddp, optimizer, scheduler, micro_batches: Iterable[Batch]) -> dict:
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     out = forward_backward(ddp, list(micro_batches))
     ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
     out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), update_ok=bool(ok))
     return out
