@@ -9,11 +9,11 @@ import os
 import sys
 
 
-def _relaunch(nproc: int) -> int:
-    """Run this same command as nproc torchrun processes (one node) and return its exit code."""
+def _relaunch(args) -> int:
+    """Run this same command as torchrun processes (one node) and return its exit code."""
     from megatron_ring.platform.distributed import torchrun
 
-    return torchrun(nproc, ["-m", "megatron_ring.cli", *sys.argv[1:]]).returncode
+    return torchrun(_world(args), ["-m", "megatron_ring.cli", *args.argv]).returncode
 
 
 def _world(args) -> int:
@@ -58,7 +58,7 @@ def cmd_convert(args) -> int:
         _validate_early(reader.arch, args)
         reader.validate()
     if "LOCAL_RANK" not in os.environ:
-        return _relaunch(_world(args))
+        return _relaunch(args)
     import torch
     from megatron_ring.models.builder import build_model
     from megatron_ring.models.weights import export_hf, load_hf
@@ -99,7 +99,7 @@ def cmd_demo(args) -> int:
 
     _validate_early(get_preset("ling-tiny"), args)
     if "LOCAL_RANK" not in os.environ:
-        return _relaunch(_world(args))
+        return _relaunch(args)
     from megatron_ring.train.demo import run
 
     run(args.run_dir, steps=args.steps, tp=args.tp, ep=args.ep, save_every=args.save_every)
@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     _layout_args(dm)
     dm.set_defaults(func=cmd_demo, ep=2)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv
     from megatron_ring.models.hf_checkpoint import CheckpointError
     from megatron_ring.platform.layout import LayoutError
 

@@ -11,6 +11,7 @@ from megatron_ring.models.hf_checkpoint import HFReader
 from megatron_ring.models.lm_loss import full_logits
 from megatron_ring.models.weights import hf_state_dict, load_hf
 from megatron_ring.platform import distributed
+from megatron_ring.train import checkpoint
 from megatron_ring.train.engine import Batch, forward_backward, wrap_ddp
 
 
@@ -23,7 +24,8 @@ def fixed_batch(vocab: int, b: int = 4, s: int = 32):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--hf", required=True)
+    p.add_argument("--hf", required=True, help="HF checkpoint (weights, unless --megatron-ckpt)")
+    p.add_argument("--megatron-ckpt", help="load weights from this Megatron checkpoint instead")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -35,7 +37,10 @@ def main():
     reader = HFReader(a.hf)
     arch = reader.arch
     model = build_model(arch, layout.validate(arch), aux_loss_coeff=a.aux, z_loss_coeff=a.zloss)
-    load_hf(model, reader)
+    if a.megatron_ckpt:
+        checkpoint.load(checkpoint.latest(a.megatron_ckpt), model)
+    else:
+        load_hf(model, reader)
     ddp = wrap_ddp(model, use_distributed_optimizer=False)
 
     ids, labels, mask = fixed_batch(arch.vocab_size)

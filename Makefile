@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CUDA machines keep their own torch; everywhere else pin the local CPU build.
+EXTRAS := $(shell nvidia-smi >/dev/null 2>&1 && echo test || echo cpu,test)
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring demo --run-dir runs/demo --steps 30 --tp 1 --ep 2
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

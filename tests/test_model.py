@@ -1,0 +1,73 @@
+"""Presets, layouts, routing and the CPU layer: fast checks without process groups."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from megatron_ring.models.presets import get_preset
+from megatron_ring.platform import cpu_compat
+from megatron_ring.platform.layout import Layout, LayoutError
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_ring.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ling_lite_counts_from_the_megatron_model():
+    r = cli("model-info", "--preset", "ling-lite", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["total_params"] == pytest.approx(16.8e9, rel=5e-3)
+    assert info["active_params"] == pytest.approx(2.75e9, rel=5e-3)
+
+
+def test_unknown_preset_is_refused():
+    r = cli("model-info", "--preset", "ling-huge")
+    assert r.returncode == 2 and "unknown model preset 'ling-huge'" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("demo", "--ep", 3, "--nproc", 3), "num_experts=8 is not divisible by ep=3"),
+    (("demo", "--tp", 3, "--ep", 1), "num_attention_heads=4 is not divisible by tp=3"),
+])
+def test_impossible_layout_is_refused_before_any_process_starts(args, needle, tmp_path):
+    t0 = time.monotonic()
+    r = cli(*args, "--run-dir", tmp_path / "run")
+    assert r.returncode == 2 and needle in r.stderr
+    assert "torch.distributed" not in r.stderr and not (tmp_path / "run").exists()
+    assert time.monotonic() - t0 < 120
+
+
+def test_layout_validation_lists_every_problem():
+    with pytest.raises(LayoutError) as e:
+        Layout(tp=3, ep=3, world_size=3).validate(get_preset("ling-tiny"))
+    assert "num_experts=8" in str(e.value) and "num_query_groups=2" in str(e.value)
+
+
+def test_megatron_router_options_reproduce_ling_routing():
+    """Ling: softmax in fp32 over all experts, top-k, renormalise. Megatron with
+    pre_softmax=False: top-k logits, softmax over them. Same weights and experts."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    logits = torch.randn(64, 8, dtype=torch.float32) * 3
+    probs, routing_map = topk_routing_with_score_function(logits, 2, use_pre_softmax=False,
+                                                          score_function="softmax")
+    p = torch.softmax(logits, dim=-1)
+    top, idx = p.topk(2, dim=-1)
+    expected = torch.zeros_like(p).scatter(1, idx, top / top.sum(-1, keepdim=True))
+    assert torch.equal(routing_map, expected > 0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+def test_cpu_layer_refuses_another_megatron_version(monkeypatch):
+    from megatron.core import package_info
+
+    monkeypatch.setattr(package_info, "__version__", "0.17.0")
+    with pytest.raises(RuntimeError, match="written for megatron-core==0.16.1, but megatron-core 0.17.0"):
+        cpu_compat._check_version()
