@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT, run_workers, write_random_hf
+from tests.conftest import ROOT, run_workers
 from megatron_ring.models import hf_convert as conv
 from megatron_ring.models.hf_checkpoint import CheckpointError, HFReader
 from megatron_ring.train.checkpoint import check_arch

@@ -130,20 +130,6 @@ def expected_hf_shapes(arch: LingArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def megatron_names(arch: LingArch) -> list[str]:
-    """Full (TP1/EP1, global expert index) Megatron names of every parameter."""
-    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"]
-    for i in range(arch.num_layers):
-        p = f"decoder.layers.{i}."
-        names += [p + s for s in ("input_layernorm.weight", "self_attention.linear_qkv.weight",
-                                  "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight",
-                                  "mlp.router.weight", "mlp.shared_experts.linear_fc1.weight",
-                                  "mlp.shared_experts.linear_fc2.weight")]
-        for e in range(arch.num_experts):
-            names += [p + f"mlp.experts.local_experts.{e}.linear_fc{k}.weight" for k in (1, 2)]
-    return names
-
-
 def _qkv_hf_to_megatron(w: torch.Tensor, arch: LingArch) -> torch.Tensor:
     g, hd, H = arch.num_query_groups, arch.head_dim, arch.hidden_size
     per_group = arch.num_attention_heads // g * hd

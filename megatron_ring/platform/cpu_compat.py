@@ -11,7 +11,6 @@ because every patch below names a private detail of that version.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -194,13 +193,3 @@ def apply() -> bool:
     _CudaToCpuMode().__enter__()
     _applied = True
     return True
-
-
-def is_active() -> bool:
-    return _applied
-
-
-@functools.cache
-def device() -> torch.device:
-    """The device models and batches live on: CUDA when present, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else _CPU

@@ -65,7 +65,3 @@ def torchrun(nproc: int, argv: list[str], env: dict | None = None, **kwargs) -> 
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     full_env.update(env or {})
     return subprocess.run(cmd, env=full_env, **kwargs)
-
-
-def under_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ
