@@ -93,6 +93,8 @@ def _prime_optimizer_state(optimizer) -> None:
 
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
+        if not isinstance(inner, torch.optim.Adam):  # TE/apex FusedAdam keep no per-param step
+            continue
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
