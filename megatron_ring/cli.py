@@ -72,7 +72,7 @@ def cmd_convert(args) -> int:
         path = checkpoint.save(args.dst, 0, model, trainer_state={"source": str(args.src)})
     else:
         path = checkpoint.latest(args.src) or args.src
-        arch = _arch_of_checkpoint(path)
+        arch = checkpoint.saved_arch(path)
         model = build_model(arch, layout)
         checkpoint.load(path, model)
         export_hf(model, args.dst, dtype=getattr(torch, args.dtype))
@@ -80,18 +80,6 @@ def cmd_convert(args) -> int:
         print(f"wrote {args.dst} ({path})")
     distributed.shutdown()
     return 0
-
-
-def _arch_of_checkpoint(path):
-    from pathlib import Path
-
-    from megatron_ring.models.hf_checkpoint import CheckpointError
-    from megatron_ring.models.presets import LingArch
-
-    meta = Path(path) / "ling_arch.json"
-    if not meta.is_file():
-        raise CheckpointError(f"{path}: no ling_arch.json (not a megatron-ring checkpoint)")
-    return LingArch(**json.loads(meta.read_text()))
 
 
 def cmd_demo(args) -> int:

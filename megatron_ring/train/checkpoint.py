@@ -46,8 +46,7 @@ def save(root: str | os.PathLike, step: int, model, optimizer=None, trainer_stat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    sharded = model.sharded_state_dict()
-    sharded = {"model": sharded}
+    sharded = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
     dist_checkpointing.save(sharded, str(tmp))
@@ -74,11 +73,19 @@ def latest(root: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
-def check_arch(path: Path, arch: LingArch) -> None:
-    meta = path / "ling_arch.json"
+def saved_arch(path: str | os.PathLike) -> LingArch:
+    """The architecture a checkpoint was saved from."""
+    meta = Path(path) / "ling_arch.json"
     if not meta.is_file():
         raise CheckpointError(f"{path}: no ling_arch.json (not a megatron-ring checkpoint, or an incomplete one)")
-    saved = json.loads(meta.read_text())
+    try:
+        return LingArch(**json.loads(meta.read_text()))
+    except (TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta}: not a valid architecture record ({e})") from None
+
+
+def check_arch(path: Path, arch: LingArch) -> None:
+    saved = dataclasses.asdict(saved_arch(path))
     mine = dataclasses.asdict(arch)
     diff = [f"{k}: checkpoint {saved.get(k)!r}, model {v!r}" for k, v in mine.items() if saved.get(k) != v]
     if diff:
