@@ -10,6 +10,10 @@ CORE = [
     "tokenizers",
     "numpy",
     "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+    "jinja2",  # chat templates of Hugging Face tokenizer directories
+    "math-verify[antlr4_13_2]",  # math rewards
+    "matplotlib",  # PNG plots in run directories
+    "tqdm",
 ]
 
 setup(
@@ -21,7 +25,8 @@ setup(
     packages=find_packages(include=["megatron_ring", "megatron_ring.*"]),
     install_requires=CORE,
     extras_require={
-        "cpu": ["torch==2.13.0"],
+        # triton on CPU runs the fused loss kernels in its interpreter (TRITON_INTERPRET=1) in tests.
+        "cpu": ["torch==2.13.0", "triton==3.6.0"],
         "gpu": ["transformer-engine[pytorch]", "sglang"],
         "test": ["pytest"],
     },

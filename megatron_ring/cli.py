@@ -9,11 +9,11 @@ import os
 import sys
 
 
-def _relaunch(args) -> int:
+def _relaunch(args, nproc: int | None = None) -> int:
     """Run this same command as torchrun processes (one node) and return its exit code."""
     from megatron_ring.platform.distributed import torchrun
 
-    return torchrun(_world(args), ["-m", "megatron_ring.cli", *args.argv]).returncode
+    return torchrun(nproc or _world(args), ["-m", "megatron_ring.cli", *args.argv]).returncode
 
 
 def _world(args) -> int:
@@ -82,19 +82,62 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from megatron_ring.models.presets import get_preset
+def _recipe_world(recipe) -> int:
+    """Processes of a recipe on this machine; multi-node recipes start through SLURM."""
+    if recipe.cluster.nodes > 1:
+        raise ValueError(f"cluster.nodes: {recipe.cluster.nodes} nodes cannot start from one shell; "
+                         "launch under SLURM/torchrun, or override cluster.nodes=1")
+    return recipe.cluster.gpus_per_node
 
-    _validate_early(get_preset("ling-tiny"), args)
+
+def cmd_distill(args) -> int:
+    from megatron_ring.recipe import dump, load_recipe
+    from megatron_ring.recipe.schema import check_layout, describe_layout
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        layout = check_layout(recipe)
+        print(dump(recipe) + "# layout: " + describe_layout(recipe, layout))
+        return 0
     if "LOCAL_RANK" not in os.environ:
-        return _relaunch(args)
-    from megatron_ring.train.demo import run
+        nproc = _recipe_world(recipe)
+        check_layout(recipe, nproc)
+        return _relaunch(args, nproc)
+    from megatron_ring.train import sft
 
-    run(args.run_dir, steps=args.steps, tp=args.tp, ep=args.ep, save_every=args.save_every)
+    sft.run(recipe, args.run_dir or os.path.join("runs", recipe.name))
     return 0
 
 
+def cmd_select(args) -> int:
+    from megatron_ring.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.low is not None:
+        overrides.append(f"select.entropy_low={args.low}")
+    if args.high is not None:
+        overrides.append(f"select.entropy_high={args.high}")
+    recipe_path = os.path.join(args.run_dir, "recipe.yaml")
+    if not os.path.isfile(recipe_path):
+        raise ValueError(f"{recipe_path}: not found ({args.run_dir} is not a distillation run directory)")
+    recipe = load_recipe(recipe_path, overrides)
+    from megatron_ring.selection.select_run import run, verdict
+
+    if "LOCAL_RANK" in os.environ:
+        return run(recipe, args.run_dir, as_json=args.json)
+    code = _relaunch(args, _recipe_world(recipe))
+    if code:
+        return code
+    code, reason = verdict(args.run_dir)
+    if reason:
+        print(f"megatron-ring select: {reason}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
+    from megatron_ring.platform.known_warnings import quiet_known_warnings
+
+    quiet_known_warnings()
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -113,15 +156,28 @@ def main(argv=None) -> int:
     _layout_args(cv)
     cv.set_defaults(func=cmd_convert)
 
-    dm = sub.add_parser("demo", help="train ling-tiny a few steps on CPU (TP1/EP2 by default)")
-    dm.add_argument("--run-dir", default="runs/demo")
-    dm.add_argument("--steps", type=int, default=30)
-    dm.add_argument("--save-every", type=int, default=10)
-    _layout_args(dm)
-    dm.set_defaults(func=cmd_demo, ep=2)
+    ds = sub.add_parser("distill", help="stage one: long-CoT distillation from a recipe")
+    ds.add_argument("recipe", help="YAML recipe (e.g. recipes/tiny/distill.yaml)")
+    ds.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    ds.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe name>)")
+    ds.add_argument("--dry-run", action="store_true", help="print the resolved recipe and layout, then exit")
+    ds.set_defaults(func=cmd_distill)
+
+    se = sub.add_parser("select", help="choose the distillation checkpoint that starts RL, by entropy")
+    se.add_argument("run_dir", help="a distillation run directory")
+    se.add_argument("overrides", nargs="*", help="key.path=value overrides of the run's recipe (select.*)")
+    se.add_argument("--low", type=float, default=None, help="lowest admissible entropy (default 0.3)")
+    se.add_argument("--high", type=float, default=None, help="highest admissible entropy (default 0.5)")
+    se.add_argument("--json", action="store_true", help="print {chosen, checkpoints} as JSON")
+    se.set_defaults(func=cmd_select)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops a positional list there).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     from megatron_ring.models.hf_checkpoint import CheckpointError
     from megatron_ring.platform.layout import LayoutError

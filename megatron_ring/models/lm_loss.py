@@ -27,3 +27,19 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, true_vocab: int) -> to
 def full_logits(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
     """Gather the vocab shards of every TP rank and drop the padding: [b, s, true_vocab]."""
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :true_vocab]
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Entropy of the predictive distribution per token from local vocab shards [b, s, V/tp]
+    -> [b, s], merging each rank's max, sum of exp and sum of p*z over the TP group."""
+    z = mask_padded_vocab(logits, true_vocab).float()
+    group = ps.get_tensor_model_parallel_group()
+    m = z.max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m)
+    zs = torch.where(torch.isfinite(z), z - m, torch.zeros_like(z))  # -inf * 0 would be nan
+    parts = torch.stack([e.sum(-1), (e * zs).sum(-1)])
+    torch.distributed.all_reduce(parts, group=group)
+    sum_exp, sum_ez = parts
+    return torch.log(sum_exp) - sum_ez / sum_exp

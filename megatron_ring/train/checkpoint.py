@@ -73,6 +73,10 @@ def latest(root: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
+def saved_step(path: str | os.PathLike) -> int:
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+
+
 def saved_arch(path: str | os.PathLike) -> LingArch:
     """The architecture a checkpoint was saved from."""
     meta = Path(path) / "ling_arch.json"
@@ -121,16 +125,22 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def load(path: str | os.PathLike, model, optimizer=None) -> dict:
-    """Collective. Loads into the (already built, any layout) model; returns trainer_state."""
+def load(path: str | os.PathLike, model, optimizer=None, arch_check: bool = True) -> dict:
+    """Collective. Loads into the (already built, any layout) model; returns trainer_state.
+    Without an optimizer only the model is read: the checkpoint's optimizer state is ignored,
+    but every model tensor must be there. arch_check=False lets a recipe change architecture
+    facts that carry no weights (RoPE base, context length)."""
     path = Path(path)
-    check_arch(path, model.arch)
+    if arch_check:
+        check_arch(path, model.arch)
     sharded = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         _prime_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True,
                                                           metadata=_OPTIM_METADATA)
-    state = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
+    # Megatron's "unexpected" = requested but absent; "missing" = present but not requested.
+    strict = StrictHandling.RAISE_ALL if optimizer is not None else StrictHandling.RAISE_UNEXPECTED
+    state = dist_checkpointing.load(sharded, str(path), strict=strict)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -19,19 +19,23 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ring.models.lm_loss import token_nll
+from megatron_ring.models.lm_loss import token_entropy, token_nll
 
 
 @dataclass
 class Batch:
-    """One micro-batch: tokens, next-token labels, and which labels carry loss."""
+    """One micro-batch: tokens, next-token labels, and which labels carry loss. Packed rows add
+    per-document positions and a [b, 1, s, s] mask (True = blocked); plain rows are causal."""
 
     input_ids: torch.Tensor  # [b, s]
     labels: torch.Tensor  # [b, s]
     loss_mask: torch.Tensor  # [b, s] float
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
-    @property
-    def position_ids(self) -> torch.Tensor:
+    def positions(self) -> torch.Tensor:
+        if self.position_ids is not None:
+            return self.position_ids
         b, s = self.input_ids.shape
         return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
 
@@ -49,10 +53,12 @@ def wrap_ddp(model, use_distributed_optimizer: bool = True) -> DistributedDataPa
     return ddp
 
 
-def build_optimizer(ddp, *, lr: float, weight_decay: float = 0.1, clip_grad: float = 1.0,
+def build_optimizer(ddp, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.1, clip_grad: float = 1.0,
                     adam_beta1: float = 0.9, adam_beta2: float = 0.95, use_distributed_optimizer: bool = True):
+    """AdamW (Megatron's "adam" is decoupled weight decay). min_lr goes into every parameter
+    group, where the scheduler reads it."""
     config = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
         clip_grad=clip_grad, bf16=ddp.config.bf16, params_dtype=ddp.config.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
     )
@@ -76,18 +82,19 @@ def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
     mask = batch.loss_mask.float()
     loss_sum = (nll * mask).sum()
     n_tokens = mask.sum().to(torch.int)
-    return loss_sum, n_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    entropy_sum = (token_entropy(logits.detach(), true_vocab) * mask).sum()
+    return loss_sum, n_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum(), entropy_sum])}
 
 
 def _forward_step(true_vocab: int, data_iterator, model):
     batch = next(data_iterator)
-    logits = model(batch.input_ids, batch.position_ids, None)
+    logits = model(batch.input_ids, batch.positions(), batch.attention_mask)
     return logits, partial(_loss_func, batch, true_vocab)
 
 
 def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False) -> dict:
-    """Run the schedule over this rank's micro-batches; returns the loss summed over the
-    data-parallel group, and the number of loss tokens it was divided by."""
+    """Run the schedule over this rank's micro-batches; returns the mean loss and the mean
+    predictive entropy over the data-parallel group's loss tokens, and that token count."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -104,7 +111,9 @@ def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False
     )
     totals = torch.stack([r["lm_loss"] for r in reduced]).sum(0)
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
+    count = totals[1].clamp(min=1)
+    return {"loss": (totals[0] / count).item(), "entropy": (totals[2] / count).item(),
+            "tokens": int(totals[1].item())}
 
 
 def train_step(ddp, optimizer, scheduler, micro_batches: Iterable[Batch]) -> dict:

@@ -50,7 +50,7 @@ def main():
 
     model.eval()
     with torch.no_grad():
-        logits = full_logits(model(batch.input_ids, batch.position_ids, None), arch.vocab_size)
+        logits = full_logits(model(batch.input_ids, batch.positions(), None), arch.vocab_size)
     parts = [torch.empty_like(logits) for _ in range(dp)]
     dist.all_gather(parts, logits.contiguous(), group=ps.get_data_parallel_group())
     model.train()

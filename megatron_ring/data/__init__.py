@@ -1,0 +1,1 @@
+"""Training data: the embedded demo data set (tasks, tokenizer) and the stage-specific readers."""

@@ -1,0 +1,52 @@
+"""RL prompt rows (jsonl), one prompt each: {"domain": "math"|"science"|"code", "prompt", ...}.
+math and science carry "answer" (science: the option letter); code carries "code_test_cases"
+[{input, output}] as in the released Ring-lite RL data (plus code_language, groundtruth,
+test_type, fn_name). Bad rows are reported with file:line, as for SFT rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_ring.data.jsonl_rows import RowReport, read_rows
+
+DOMAINS = ("math", "science", "code")
+
+
+@dataclass
+class PromptRow:
+    domain: str
+    prompt: str
+    answer: str | None = None
+    tests: list[dict] = field(default_factory=list)
+    row: dict = field(default_factory=dict)  # the whole row, for verifiers that need more fields
+    source: str = ""
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def parse_prompt_row(row, source: str = "") -> PromptRow:
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    domain = row.get("domain")
+    if domain not in DOMAINS:
+        raise ValueError(f"'domain' must be one of {list(DOMAINS)}, got {domain!r}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("missing or empty 'prompt'")
+    if domain == "code":
+        tests = row.get("code_test_cases")
+        if not isinstance(tests, list) or not tests or not all(
+                isinstance(t, dict) and {"input", "output"} <= set(t) for t in tests):
+            raise ValueError("'code_test_cases' must be a non-empty list of {input, output}")
+        return PromptRow(domain, prompt, None, tests, row, source)
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("missing or empty 'answer'")
+    return PromptRow(domain, prompt, answer.strip(), [], row, source)
+
+
+def read_rl_prompts(path: str, on_bad: str = "fail", show: int = 5) -> tuple[list[PromptRow], RowReport]:
+    return read_rows([path], parse_prompt_row, "RL prompt", on_bad, show)

@@ -1,0 +1,1 @@
+"""In-process generation with the Megatron model (the embedded rollout engine's core)."""

@@ -1,0 +1,170 @@
+"""The recipe schema: one dataclass per section, defaults are the paper's values where it gives
+them. Checks that need only the recipe live here; checks that need the process count are in
+`check_layout`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_ring.models.presets import LingArch, get_preset
+from megatron_ring.platform.layout import Layout, LayoutError
+from megatron_ring.recipe.typed import RecipeError
+
+
+def _positive(**values):
+    bad = [f"{k} must be > 0, got {v}" for k, v in values.items() if v <= 0]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+@dataclass
+class ModelSection:
+    preset: str = "ling-lite"
+    init: str | None = None  # HF directory or megatron-ring checkpoint to start from; None: random
+    rope_theta: float | None = None  # preset's value unless set (Ling-lite-1.5 SFT: 600000)
+    max_position_embeddings: int | None = None
+    norm_head: bool | None = None
+    aux_loss_coeff: float = 0.0  # MoE load-balancing loss
+    z_loss_coeff: float = 0.0  # router z-loss
+
+    def __post_init__(self):
+        get_preset(self.preset)  # unknown preset -> ValueError naming the known ones
+
+    def arch(self) -> LingArch:
+        changes = {k: getattr(self, k) for k in ("rope_theta", "max_position_embeddings", "norm_head")
+                   if getattr(self, k) is not None}
+        return get_preset(self.preset).replace(**changes)
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class ClusterSection:
+    nodes: int = 1
+    gpus_per_node: int = 8  # processes per node (gloo processes on CPU)
+
+    def __post_init__(self):
+        _positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # SFT jsonl files; `{run_dir}` is expanded
+    tokenizer: str = ""  # Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json)
+    seq_length: int = 32768  # packing length = context
+    pack: bool = True  # pack documents into rows (no attention across them); else pad each alone
+    bad_rows: Literal["skip", "fail"] = "fail"
+    demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
+    demo_sft_rows: int = 9000  # SFT rows of that data set
+
+    def __post_init__(self):
+        _positive(seq_length=self.seq_length)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 3
+    global_batch: int = 256  # rows (packed sequences) per optimizer step
+    micro_batch: int = 1  # rows per forward/backward
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_frac: float = 0.01
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    save_every_steps: int = 0  # 0: only at the end of each epoch
+    save_initial: bool = False  # also save step 0 (the untrained baseline for `select`)
+    seed: int = 1234
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self):
+        _positive(epochs=self.epochs, global_batch=self.global_batch, micro_batch=self.micro_batch, lr=self.lr)
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+
+
+@dataclass
+class SelectSection:
+    prompts: str = ""  # held-out RL prompts jsonl; `{run_dir}` is expanded
+    max_prompts: int = 0  # 0: all
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 32768
+    temperature: float = 1.0  # as RL samples
+    top_p: float = 1.0
+    entropy_low: float = 0.3
+    entropy_high: float = 0.5
+    batch_size: int = 64  # prompts generated together per data-parallel rank
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+                  temperature=self.temperature, batch_size=self.batch_size)
+        if not self.entropy_low < self.entropy_high:
+            raise ValueError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})")
+
+
+@dataclass
+class LoggingSection:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "megatron-ring"
+    progress: bool = True
+
+
+@dataclass
+class DistillRecipe:
+    stage: Literal["distill"] = "distill"
+    name: str = "distill"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    select: SelectSection = field(default_factory=SelectSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+SCHEMAS = {"distill": DistillRecipe}
+
+
+def expand(path: str, run_dir: str | os.PathLike) -> str:
+    """Recipe paths may name the run directory as `{run_dir}`."""
+    return path.replace("{run_dir}", str(run_dir))
+
+
+def check_layout(recipe, world_size: int | None = None) -> Layout:
+    """The parallel layout at the recipe's (or the given) process count, checked against the
+    model and the batch sizes; errors name the recipe keys."""
+    world = world_size or recipe.cluster.world_size
+    layout = Layout(tp=recipe.parallel.tp, ep=recipe.parallel.ep, world_size=world)
+    try:
+        layout.validate(recipe.model.arch())
+    except LayoutError as e:
+        raise RecipeError(f"parallel: {e}") from None
+    per_step = layout.dp * recipe.train.micro_batch
+    if recipe.train.global_batch % per_step:
+        raise RecipeError(
+            f"train.global_batch: {recipe.train.global_batch} rows do not split into micro-batches of "
+            f"{recipe.train.micro_batch} over {layout.dp} data-parallel ranks (need a multiple of {per_step})")
+    return layout
+
+
+def describe_layout(recipe, layout: Layout) -> str:
+    t = recipe.train
+    micro_per_rank = t.global_batch // (layout.dp * t.micro_batch)
+    return (f"world {layout.world_size} = {recipe.cluster.nodes} node(s) x {recipe.cluster.gpus_per_node}; "
+            f"TP {layout.tp} (sequence parallel {'on' if layout.sequence_parallel else 'off'}) x DP {layout.dp}; "
+            f"EP {layout.ep} x expert-DP {layout.world_size // layout.ep}; "
+            f"global batch {t.global_batch} = DP {layout.dp} x micro-batch {t.micro_batch} x "
+            f"{micro_per_rank} accumulation steps")

@@ -1,0 +1,100 @@
+"""Plain dicts -> typed dataclasses, with every error naming the key path and where it was set.
+
+The schema is the dataclasses themselves (Megatron's way: configs are dataclasses); this module
+only walks their type hints, so a new field needs no second declaration anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the file and the key path."""
+
+
+def _where(path: str, origin: dict[str, str]) -> str:
+    """The file (or 'command line') that set this key or its nearest parent."""
+    key = path
+    while key:
+        if key in origin:
+            return origin[key]
+        key = key.rpartition(".")[0]
+    return origin.get("", "recipe")
+
+
+def _fail(path: str, origin: dict, message: str):
+    raise RecipeError(f"{_where(path, origin)}: {path}: {message}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def convert(tp, value, path: str, origin: dict):
+    """Check and convert one value against a type hint."""
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(inner[0], value, path, origin)
+    if origin_tp is typing.Literal:
+        if value not in args:
+            _fail(path, origin, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin_tp is list:
+        if not isinstance(value, list):
+            _fail(path, origin, f"expected a list, got {type(value).__name__} {value!r}")
+        return [convert(args[0], v, f"{path}[{i}]", origin) for i, v in enumerate(value)]
+    if origin_tp is dict:
+        if not isinstance(value, dict):
+            _fail(path, origin, f"expected a mapping, got {type(value).__name__}")
+        return {str(k): convert(args[1], v, f"{path}.{k}", origin) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, origin)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        _fail(path, origin, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls, data, path: str, origin: dict):
+    """A dataclass from a mapping: unknown keys and wrong types are errors, missing keys take
+    the field's default (a field without one is required)."""
+    if not isinstance(data, dict):
+        _fail(path or "(top)", origin, f"expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(fields)}"
+            _fail(_join(path, key), origin, f"unknown key{hint}")
+    kwargs = {}
+    for name, field in fields.items():
+        sub = _join(path, name)
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], sub, origin)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            _fail(sub, origin, "required key is missing")
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ checks that span several fields
+        _fail(path or "(top)", origin, str(e))
+    return obj
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)

@@ -1,0 +1,97 @@
+"""What every training stage does before its first step: the recipe saved in the run directory,
+the tokenizer checked against the model, the model built and initialised, and the demo data
+generated when the recipe asks for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ring.data.chat_tokenizer import ChatTokenizer
+from megatron_ring.models.builder import build_model
+from megatron_ring.recipe import RecipeError, dump
+from megatron_ring.recipe.schema import expand
+
+# Architecture fields a recipe may change on top of the weights it starts from.
+_OVERRIDABLE = {"rope_theta", "max_position_embeddings", "norm_head"}
+
+
+def is_logging_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def on_rank0_then_all(fn):
+    """Run fn on rank 0 (writes files), then let every rank continue."""
+    if is_logging_rank():
+        fn()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_recipe(recipe, run_dir: Path) -> None:
+    def write():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump(recipe))
+    on_rank0_then_all(write)
+
+
+def ensure_demo_data(recipe, run_dir: Path) -> None:
+    if not recipe.data.demo:
+        return
+    from megatron_ring.data.demo_data import ensure_demo_data as ensure
+
+    on_rank0_then_all(lambda: ensure(expand(recipe.data.demo, run_dir), n_sft=recipe.data.demo_sft_rows))
+
+
+def load_tokenizer(recipe, run_dir: Path, arch) -> ChatTokenizer:
+    if not recipe.data.tokenizer:
+        raise RecipeError("data.tokenizer: required (a Hugging Face tokenizer directory)")
+    tok = ChatTokenizer(expand(recipe.data.tokenizer, run_dir))
+    if tok.vocab_size > arch.vocab_size:
+        raise RecipeError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens, more than the "
+                          f"model's vocabulary ({arch.vocab_size})")
+    if tok.eos_id != arch.eos_token_id:
+        raise RecipeError(f"data.tokenizer: {tok.path} ends turns with id {tok.eos_id}, the model "
+                          f"({recipe.model.preset}) with {arch.eos_token_id}")
+    return tok
+
+
+def params_dtype(recipe) -> torch.dtype:
+    want = recipe.train.dtype
+    if want == "auto":
+        want = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if want == "bf16" else torch.float32
+
+
+def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
+    """The model of the recipe, with the weights of model.init (HF directory or checkpoint).
+    The source is checked either way; its weights are read only when load_init (a resumed run
+    reads its own checkpoint instead)."""
+    from megatron_ring.models.hf_checkpoint import HFReader
+    from megatron_ring.models.weights import load_hf
+    from megatron_ring.train import checkpoint
+
+    arch = recipe.model.arch()
+    source = expand(recipe.model.init, run_dir) if recipe.model.init else None
+    reader = None
+    if source:
+        if (Path(source) / "config.json").is_file():
+            reader = HFReader(source)
+            init_arch = reader.arch
+        else:
+            source = str(checkpoint.latest(source) or source)
+            init_arch = checkpoint.saved_arch(source)
+        diff = [k for k, v in vars(init_arch).items() if k not in _OVERRIDABLE and getattr(arch, k) != v]
+        if diff:
+            raise RecipeError(f"model.init: {source} is not a {recipe.model.preset} model (differs in {diff})")
+    model = build_model(arch, layout, params_dtype=params_dtype(recipe),
+                        aux_loss_coeff=recipe.model.aux_loss_coeff, z_loss_coeff=recipe.model.z_loss_coeff)
+    if reader is not None:
+        reader.validate(arch)
+        if load_init:
+            load_hf(model, reader)
+    elif source and load_init:
+        checkpoint.load(source, model, arch_check=False)
+    return model

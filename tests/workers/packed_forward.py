@@ -1,0 +1,59 @@
+"""Worker: two documents packed in one row (positions restarting, block-diagonal mask) must give
+the second document the logits it gets alone; also the vocab-parallel entropy of those logits
+against a direct softmax. Saves the differences as JSON (rank 0)."""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+from megatron_ring.data.packing import document_attention_mask
+from megatron_ring.models.builder import build_model
+from megatron_ring.models.hf_checkpoint import HFReader
+from megatron_ring.models.lm_loss import full_logits, token_entropy
+from megatron_ring.models.weights import load_hf
+from megatron_ring.platform import distributed
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    layout = distributed.init(a.tp, a.ep)
+    reader = HFReader(a.hf)
+    arch = reader.arch
+    model = build_model(arch, layout.validate(arch))
+    load_hf(model, reader)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    la, lb, pad = 19, 27, 2  # row length 48: divisible by TP for sequence parallelism
+    doc_a, doc_b = torch.randint(2, arch.vocab_size, (la,), generator=g), torch.randint(2, arch.vocab_size, (lb,), generator=g)
+    row = torch.cat([doc_a, doc_b, torch.ones(pad, dtype=torch.long)])[None]
+    doc_ids = torch.tensor([0] * la + [1] * lb + [-1] * pad)[None]
+    positions = torch.cat([torch.arange(la), torch.arange(lb), torch.zeros(pad, dtype=torch.long)])[None]
+    alone_ids = torch.cat([doc_b, torch.ones(48 - lb, dtype=torch.long)])[None]
+    with torch.no_grad():
+        packed = model(row, positions, document_attention_mask(doc_ids))
+        leaky = model(row, torch.arange(48)[None], None)  # plain causal: B sees A
+        alone = model(alone_ids, torch.arange(48)[None], None)
+        full = {k: full_logits(v, arch.vocab_size)[0] for k, v in (("packed", packed), ("leaky", leaky), ("alone", alone))}
+        entropy = token_entropy(packed, arch.vocab_size)[0]
+    direct = torch.distributions.Categorical(logits=full["packed"].double()).entropy()
+    if dist.get_rank() == 0:
+        b = slice(la, la + lb)
+        json.dump({
+            "packed_vs_alone": (full["packed"][b] - full["alone"][:lb]).abs().max().item(),
+            "leaky_vs_alone": (full["leaky"][b] - full["alone"][:lb]).abs().max().item(),
+            "doc_a_packed_vs_leaky": (full["packed"][:la] - full["leaky"][:la]).abs().max().item(),
+            "entropy_err": (entropy.double() - direct).abs().max().item(),
+            "entropy_mean": direct.mean().item(),
+        }, open(a.out, "w"))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
