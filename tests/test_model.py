@@ -33,8 +33,10 @@ def test_unknown_preset_is_refused():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("demo", "--ep", 3, "--nproc", 3), "num_experts=8 is not divisible by ep=3"),
-    (("demo", "--tp", 3, "--ep", 1), "num_attention_heads=4 is not divisible by tp=3"),
+    (("distill", "recipes/tiny/distill.yaml", "parallel.ep=3", "cluster.gpus_per_node=3"),
+     "num_experts=8 is not divisible by ep=3"),
+    (("distill", "recipes/tiny/distill.yaml", "parallel.tp=3", "parallel.ep=1", "cluster.gpus_per_node=3"),
+     "num_attention_heads=4 is not divisible by tp=3"),
 ])
 def test_impossible_layout_is_refused_before_any_process_starts(args, needle, tmp_path):
     t0 = time.monotonic()

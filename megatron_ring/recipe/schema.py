@@ -65,7 +65,7 @@ class DataSection:
     pack: bool = True  # pack documents into rows (no attention across them); else pad each alone
     bad_rows: Literal["skip", "fail"] = "fail"
     demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
-    demo_sft_rows: int = 9000  # SFT rows of that data set
+    demo_sft_rows: int = 6000  # SFT rows of that data set
 
     def __post_init__(self):
         _positive(seq_length=self.seq_length)
