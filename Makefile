@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# The tiny distillation (3 epochs, TP1/EP2 on 2 gloo processes), then the entropy selection.
+# The tiny distillation (4 epochs, TP1/EP2 on 2 gloo processes), then the entropy selection.
 demo: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring distill recipes/tiny/distill.yaml --run-dir runs/demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring select runs/demo

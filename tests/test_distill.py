@@ -126,11 +126,18 @@ def test_select_table_choice_and_errors(full_run):
     assert "entropy" in r3.stdout and "chosen: none" in r3.stdout  # the table is still printed
 
 
-def test_starts_from_hf_weights(tmp_path, data, tiny_hf):
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory, data, tiny_hf):
+    """One process, starting from the HF weights of tiny_hf."""
+    run_dir = tmp_path_factory.mktemp("init")
+    return run_dir, distill(run_dir, data, f"model.init={tiny_hf}", "logging.wandb=disabled",
+                            "train.save_every_steps=0", "parallel.ep=1", "cluster.gpus_per_node=1")
+
+
+def test_starts_from_hf_weights(tmp_path, init_run, tiny_hf):
     from megatron_ring.models.hf_checkpoint import HFReader
 
-    run_dir = tmp_path / "init"
-    distill(run_dir, data, f"model.init={tiny_hf}", "train.epochs=1", "logging.wandb=disabled")
+    run_dir, _ = init_run
     back = tmp_path / "back"
     r = cli("convert", "megatron-to-hf", run_dir / "checkpoints" / "iter_0000000", back, "--dtype", "float32")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,3 +145,16 @@ def test_starts_from_hf_weights(tmp_path, data, tiny_hf):
     assert set(original.file_of) == set(saved.file_of)
     for name in original.file_of:
         assert original.read(name).equal(saved.read(name)), name
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=1", "parallel.ep=2"], ["parallel.tp=2", "parallel.ep=2"]])
+def test_layouts_train_alike(tmp_path, data, tiny_hf, init_run, layout):
+    """TP1/EP2 (DP 2) and TP2/EP2 (sequence parallel, packed rows) follow the one-process run
+    from the same weights: the same global batches, per-token normalisation and updates."""
+    _, reference = init_run
+    m = distill(tmp_path / "run", data, f"model.init={tiny_hf}", "logging.wandb=disabled",
+                "train.save_every_steps=0", *layout)
+    for a, b in zip(reference[:4], m[:4]):
+        assert b["tokens"] == a["tokens"] and b["tokens_total"] == a["tokens_total"]
+        for key in ("loss", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)

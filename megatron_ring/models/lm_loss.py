@@ -20,7 +20,9 @@ def mask_padded_vocab(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Per-token negative log-likelihood from local vocab shards [b, s, V/tp] -> [b, s]."""
+    """Per-token negative log-likelihood from local vocab shards [b, s, V/tp] -> [b, s].
+    Megatron's vocab_parallel_cross_entropy overwrites fp32 logits in place (shifted, then
+    exponentiated): read anything else from them before calling this."""
     return tensor_parallel.vocab_parallel_cross_entropy(mask_padded_vocab(logits, true_vocab).float(), labels)
 
 

@@ -78,11 +78,12 @@ def build_scheduler(optimizer, *, lr: float, total_steps: int, warmup_steps: int
 
 
 def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
-    nll = token_nll(logits, batch.labels, true_vocab)
     mask = batch.loss_mask.float()
+    # Entropy first: Megatron's vocab-parallel cross entropy works in place on the logits.
+    entropy_sum = (token_entropy(logits.detach(), true_vocab) * mask).sum()
+    nll = token_nll(logits, batch.labels, true_vocab)
     loss_sum = (nll * mask).sum()
     n_tokens = mask.sum().to(torch.int)
-    entropy_sum = (token_entropy(logits.detach(), true_vocab) * mask).sum()
     return loss_sum, n_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum(), entropy_sum])}
 
 
