@@ -100,10 +100,3 @@ def dump(recipe) -> str:
     """The resolved recipe as YAML (saved in the run directory, printed by --dry-run)."""
     return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
 
-
-def from_run_dir(run_dir: str | os.PathLike):
-    """The recipe a run saved (RUN_DIR/recipe.yaml)."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise RecipeError(f"{path}: not found (is {run_dir} a megatron-ring run directory?)")
-    return load_recipe(path)
