@@ -12,7 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ring.models.presets import LingArch
-from megatron_ring.models.spec import have_transformer_engine, ling_block_spec
+from megatron_ring.models.spec import ling_block_spec, te_by_default
 from megatron_ring.platform.layout import Layout
 
 VOCAB_DIVISIBLE_BY = 128
@@ -149,7 +149,7 @@ def build_model(
 ) -> LingModel:
     """Build the local shard of the model. Model-parallel state must be initialised first."""
     if use_te is None:
-        use_te = have_transformer_engine() and torch.cuda.is_available()
+        use_te = te_by_default()
     config = transformer_config(
         arch, layout, params_dtype=params_dtype, aux_loss_coeff=aux_loss_coeff,
         z_loss_coeff=z_loss_coeff, use_te=use_te, meta_device=meta_device,

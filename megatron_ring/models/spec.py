@@ -19,6 +19,13 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def te_by_default() -> bool:
+    """Transformer Engine layers wherever TE imports and a GPU is there to run them."""
+    import torch
+
+    return have_transformer_engine() and torch.cuda.is_available()
+
+
 def ling_block_spec(arch, use_te: bool | None = None) -> TransformerBlockSubmodules:
     """Every Ling layer is the same MoE layer; the block ends in a final RMSNorm."""
     if use_te is None:

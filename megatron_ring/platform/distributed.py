@@ -15,12 +15,17 @@ from megatron_ring.platform import cpu_compat
 from megatron_ring.platform.layout import Layout
 
 
+def launched_world_size() -> int:
+    """Processes in this job as torchrun (or srun) started it; 1 for a lone process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
     """Join the job's process group (torchrun env, or a single process) and set up TP/EP/DP."""
     from megatron.core import parallel_state, tensor_parallel
 
     cpu = cpu_compat.apply()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     if not dist.is_initialized():
         if not cpu:

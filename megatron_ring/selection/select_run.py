@@ -39,7 +39,7 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
     s = recipe.select
     if not s.prompts:
         raise ValueError("select.prompts: required (held-out RL prompts jsonl)")
-    layout = check_layout(recipe, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    layout = check_layout(recipe, world_size=distributed.launched_world_size())
     distributed.init(layout.tp, layout.ep, seed=recipe.train.seed)
     arch = recipe.model.arch()
     tokenizer = stage_setup.load_tokenizer(recipe, run_dir, arch)

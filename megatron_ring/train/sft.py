@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_ring.data.packing import document_attention_mask
+from megatron_ring.models.spec import te_by_default
 from megatron_ring.platform import distributed
 from megatron_ring.recipe import RecipeError
 from megatron_ring.recipe.schema import check_layout
@@ -39,8 +39,8 @@ def run(recipe, run_dir: str | Path) -> dict:
     """Train (or resume) the distillation stage of a recipe; returns the last step's metrics."""
     run_dir = Path(run_dir)
     t = recipe.train
-    layout = check_layout(recipe, world_size=_world())
-    if recipe.data.pack and _uses_te():
+    layout = check_layout(recipe, world_size=distributed.launched_world_size())
+    if recipe.data.pack and te_by_default():
         raise RecipeError("data.pack: packed rows need a per-document attention mask, which the "
                           "transformer-engine attention path does not take yet; set data.pack=false")
     distributed.init(layout.tp, layout.ep, seed=t.seed)
@@ -110,12 +110,3 @@ def run(recipe, run_dir: str | Path) -> dict:
     distributed.shutdown()
     return record
 
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _uses_te() -> bool:
-    from megatron_ring.models.spec import have_transformer_engine
-
-    return have_transformer_engine() and torch.cuda.is_available()
