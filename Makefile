@@ -11,6 +11,7 @@ EXTRAS := $(shell nvidia-smi >/dev/null 2>&1 && echo test || echo cpu,test)
 install: $(STAMP)
 
 $(STAMP): setup.py
+	command -v bwrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)

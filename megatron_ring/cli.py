@@ -90,11 +90,14 @@ def _recipe_world(recipe) -> int:
     return recipe.cluster.gpus_per_node
 
 
-def cmd_distill(args) -> int:
-    from megatron_ring.recipe import dump, load_recipe
+def _stage_command(args, stage: str, module: str) -> int:
+    """distill and rl: check the recipe, print it (--dry-run) or start the processes, and run."""
+    from megatron_ring.recipe import RecipeError, dump, load_recipe
     from megatron_ring.recipe.schema import check_layout, describe_layout
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage != stage:
+        raise RecipeError(f"{args.recipe}: stage: {recipe.stage!r} recipe given to `megatron-ring {stage}`")
     if args.dry_run:
         layout = check_layout(recipe)
         print(dump(recipe) + "# layout: " + describe_layout(recipe, layout))
@@ -103,10 +106,24 @@ def cmd_distill(args) -> int:
         nproc = _recipe_world(recipe)
         check_layout(recipe, nproc)
         return _relaunch(args, nproc)
-    from megatron_ring.train import sft
+    import importlib
 
-    sft.run(recipe, args.run_dir or os.path.join("runs", recipe.name))
+    importlib.import_module(module).run(recipe, args.run_dir or os.path.join("runs", recipe.name))
     return 0
+
+
+def cmd_distill(args) -> int:
+    return _stage_command(args, "distill", "megatron_ring.train.sft")
+
+
+def cmd_rl(args) -> int:
+    return _stage_command(args, "rl", "megatron_ring.rl.rl_stage")
+
+
+def cmd_run(args) -> int:
+    from megatron_ring.rl.pipeline import run_pipeline
+
+    return run_pipeline(args.recipe, args.run_dir, args.overrides)
 
 
 def cmd_select(args) -> int:
@@ -156,12 +173,21 @@ def main(argv=None) -> int:
     _layout_args(cv)
     cv.set_defaults(func=cmd_convert)
 
-    ds = sub.add_parser("distill", help="stage one: long-CoT distillation from a recipe")
-    ds.add_argument("recipe", help="YAML recipe (e.g. recipes/tiny/distill.yaml)")
-    ds.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    ds.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe name>)")
-    ds.add_argument("--dry-run", action="store_true", help="print the resolved recipe and layout, then exit")
-    ds.set_defaults(func=cmd_distill)
+    for name, func, text, example in (
+            ("distill", cmd_distill, "stage one: long-CoT distillation from a recipe", "recipes/tiny/distill.yaml"),
+            ("rl", cmd_rl, "an RL stage (C3PO) from a recipe", "recipes/tiny/rl_stage1_math.yaml")):
+        ds = sub.add_parser(name, help=text)
+        ds.add_argument("recipe", help=f"YAML recipe (e.g. {example})")
+        ds.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        ds.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe name>)")
+        ds.add_argument("--dry-run", action="store_true", help="print the resolved recipe and layout, then exit")
+        ds.set_defaults(func=func)
+
+    rn = sub.add_parser("run", help="a pipeline recipe: distill -> select -> RL stages, each from the last")
+    rn.add_argument("recipe", help="YAML pipeline recipe (e.g. recipes/tiny/pipeline.yaml)")
+    rn.add_argument("overrides", nargs="*", help="STAGE.key.path=value overrides of one stage's recipe")
+    rn.add_argument("--run-dir", default=None, help="pipeline directory (default runs/<pipeline name>)")
+    rn.set_defaults(func=cmd_run)
 
     se = sub.add_parser("select", help="choose the distillation checkpoint that starts RL, by entropy")
     se.add_argument("run_dir", help="a distillation run directory")

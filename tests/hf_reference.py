@@ -80,12 +80,14 @@ def _moe(x: torch.Tensor, sd: dict, prefix: str, cfg: dict) -> torch.Tensor:
     return out.view(shape)
 
 
-def hf_forward(state_dict: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [B, S] int64 -> logits [B, S, vocab_size] in float32. Causal attention, positions 0..S-1 for every row."""
+def hf_forward(state_dict: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor,
+               grad: bool = False) -> torch.Tensor:
+    """input_ids [B, S] int64 -> logits [B, S, vocab_size] in float32. Causal attention, positions 0..S-1 for every row.
+    grad: keep the autograd graph (gradient oracles), else no_grad."""
     if config.get("first_k_dense_replace", 0) != 0:
         raise NotImplementedError("hf_reference only supports first_k_dense_replace == 0")
     sd, eps = state_dict, config["rms_norm_eps"]
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         h = sd["model.word_embeddings.weight"].float()[input_ids]
         for i in range(config["num_hidden_layers"]):
             p = f"model.layers.{i}"

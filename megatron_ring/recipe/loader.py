@@ -82,17 +82,18 @@ def apply_override(data: dict, override: str, origin: dict) -> dict:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), schema=None):
     """Resolve a recipe file into its schema dataclass (chosen by its `stage` unless given)."""
-    from megatron_ring.recipe.schema import SCHEMAS
+    from megatron_ring.recipe.schema import schemas
 
     origin: dict[str, str] = {"": str(path)}
     data = _resolve(Path(path), origin)
     for override in overrides:
         data = apply_override(data, override, origin)
     if schema is None:
+        known = schemas()
         stage = data.get("stage")
-        if stage not in SCHEMAS:
-            raise RecipeError(f"{origin.get('stage', path)}: stage: must be one of {sorted(SCHEMAS)}, got {stage!r}")
-        schema = SCHEMAS[stage]
+        if stage not in known:
+            raise RecipeError(f"{origin.get('stage', path)}: stage: must be one of {sorted(known)}, got {stage!r}")
+        schema = known[stage]
     return build(schema, data, "", origin)
 
 

@@ -96,21 +96,30 @@ class TrainSection:
 
 
 @dataclass
-class SelectSection:
+class SampledEval:
+    """Sampling a model on held-out RL prompts (selection by entropy, RL evaluation)."""
+
     prompts: str = ""  # held-out RL prompts jsonl; `{run_dir}` is expanded
     max_prompts: int = 0  # 0: all
     samples_per_prompt: int = 1
     max_new_tokens: int = 32768
     temperature: float = 1.0  # as RL samples
     top_p: float = 1.0
-    entropy_low: float = 0.3
-    entropy_high: float = 0.5
     batch_size: int = 64  # prompts generated together per data-parallel rank
     seed: int = 0
 
     def __post_init__(self):
         _positive(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
                   temperature=self.temperature, batch_size=self.batch_size)
+
+
+@dataclass
+class SelectSection(SampledEval):
+    entropy_low: float = 0.3
+    entropy_high: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
         if not self.entropy_low < self.entropy_high:
             raise ValueError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})")
 
@@ -135,7 +144,11 @@ class DistillRecipe:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
-SCHEMAS = {"distill": DistillRecipe}
+def schemas() -> dict:
+    """Recipe classes by their `stage` key."""
+    from megatron_ring.recipe.rl_schema import PipelineRecipe, RLRecipe
+
+    return {"distill": DistillRecipe, "rl": RLRecipe, "pipeline": PipelineRecipe}
 
 
 def expand(path: str, run_dir: str | os.PathLike) -> str:
@@ -153,7 +166,7 @@ def check_layout(recipe, world_size: int | None = None) -> Layout:
     except LayoutError as e:
         raise RecipeError(f"parallel: {e}") from None
     per_step = layout.dp * recipe.train.micro_batch
-    if recipe.train.global_batch % per_step:
+    if hasattr(recipe.train, "global_batch") and recipe.train.global_batch % per_step:
         raise RecipeError(
             f"train.global_batch: {recipe.train.global_batch} rows do not split into micro-batches of "
             f"{recipe.train.micro_batch} over {layout.dp} data-parallel ranks (need a multiple of {per_step})")
@@ -162,9 +175,11 @@ def check_layout(recipe, world_size: int | None = None) -> Layout:
 
 def describe_layout(recipe, layout: Layout) -> str:
     t = recipe.train
-    micro_per_rank = t.global_batch // (layout.dp * t.micro_batch)
-    return (f"world {layout.world_size} = {recipe.cluster.nodes} node(s) x {recipe.cluster.gpus_per_node}; "
+    text = (f"world {layout.world_size} = {recipe.cluster.nodes} node(s) x {recipe.cluster.gpus_per_node}; "
             f"TP {layout.tp} (sequence parallel {'on' if layout.sequence_parallel else 'off'}) x DP {layout.dp}; "
-            f"EP {layout.ep} x expert-DP {layout.world_size // layout.ep}; "
-            f"global batch {t.global_batch} = DP {layout.dp} x micro-batch {t.micro_batch} x "
-            f"{micro_per_rank} accumulation steps")
+            f"EP {layout.ep} x expert-DP {layout.world_size // layout.ep}; ")
+    if not hasattr(t, "global_batch"):  # RL: the token budget sets the batch
+        return text + recipe.describe_batch(layout)
+    micro_per_rank = t.global_batch // (layout.dp * t.micro_batch)
+    return text + (f"global batch {t.global_batch} = DP {layout.dp} x micro-batch {t.micro_batch} x "
+                   f"{micro_per_rank} accumulation steps")

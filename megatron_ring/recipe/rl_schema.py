@@ -1,0 +1,144 @@
+"""Recipe sections of the RL stage (C3PO, paper 3.1-3.2 and 4.1.1) and of the pipeline that
+chains distill -> select -> RL stages. Defaults are the paper's values where it gives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_ring.recipe.schema import (ClusterSection, LoggingSection, ModelSection, ParallelSection,
+                                         SampledEval, _positive)
+
+
+@dataclass
+class RLDataSection:
+    prompts: list[str] = field(default_factory=list)  # RL prompt jsonl files; `{run_dir}` is expanded
+    domains: list[str] = field(default_factory=list)  # keep only these domains; empty: all
+    tokenizer: str = ""
+    bad_rows: Literal["skip", "fail"] = "fail"
+    demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
+    demo_sft_rows: int = 6000
+
+
+@dataclass
+class RolloutSection:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    url: str | None = None  # sglang: a running server; none: the trainer starts one
+    server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
+    weight_sync: Literal["disk", "distributed"] = "disk"  # distributed: NCCL broadcast (gloo on CPU)
+    prompts_per_step: int = 512
+    samples_per_prompt: int = 16  # K, the GRPO group size
+    max_new_tokens: int = 24576
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64  # embedded engine: prompts generated together per data-parallel rank
+    max_rounds: int = 4  # c3po: rollout rounds within one step to fill the budget
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt,
+                  max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds)
+
+
+@dataclass
+class RLSection:
+    loss_mode: Literal["c3po", "grpo", "token_mean"] = "c3po"
+    token_budget: int = 409600  # Phi: loss tokens per optimizer step (c3po)
+    # per_rank: every data-parallel rank takes exactly Phi tokens (Phi x DP per step, the reading
+    # that matches the paper's 512 x 16 responses on 256 GPUs); global: Phi over all ranks.
+    budget_scope: Literal["per_rank", "global"] = "per_rank"
+    # carry (default): responses past the cut, and the cut one's remainder, start the next step,
+    # so no sampled token is wasted; drop: they are discarded.
+    leftover: Literal["carry", "drop"] = "carry"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 1e-3  # k3 KL to the frozen initial model
+    entropy_coef: float = 5e-4
+    drop_zero_variance: bool = False  # drop groups whose K rewards are all equal (no advantage)
+    tis_cap: float = 0.0  # truncated importance sampling against rollout logprobs; 0: off
+    ppo_epochs: int = 1  # optimizer steps on each step's selected tokens
+
+    def __post_init__(self):
+        _positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
+        if self.tis_cap < 0:
+            raise ValueError(f"tis_cap must be >= 0 (0: off), got {self.tis_cap}")
+
+
+@dataclass
+class RLTrainSection:
+    steps: int = 100
+    micro_batch: int = 1  # sequences per forward/backward
+    lr: float = 3e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"  # constant after warmup
+    warmup_frac: float = 0.0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    save_every_steps: int = 10
+    seed: int = 1234
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def __post_init__(self):
+        _positive(steps=self.steps, micro_batch=self.micro_batch, lr=self.lr)
+
+
+@dataclass
+class RewardSection:
+    workers: int = 2  # verifier processes
+    timeout_s: float = 10.0  # per response; a verifier past it is killed and the response scores 0
+
+
+@dataclass
+class EvalSection(SampledEval):
+    every_steps: int = 0  # held-out accuracy every N steps; always before the first and after the last
+
+
+@dataclass
+class RLRecipe:
+    stage: Literal["rl"] = "rl"
+    name: str = "rl"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    data: RLDataSection = field(default_factory=RLDataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rl: RLSection = field(default_factory=RLSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def describe_batch(self, layout) -> str:
+        r, ro = self.rl, self.rollout
+        if r.loss_mode != "c3po":
+            return f"{r.loss_mode}: every response of {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples"
+        total = r.token_budget * (layout.dp if r.budget_scope == "per_rank" else 1)
+        return (f"c3po: {total} loss tokens per step (Phi {r.token_budget} {r.budget_scope.replace('_', ' ')}), "
+                f"rollouts of {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples, leftover {r.leftover}")
+
+
+@dataclass
+class PipelineStage:
+    name: str  # its run directory under the pipeline's
+    kind: Literal["distill", "select", "rl"]
+    recipe: str = ""  # path relative to the pipeline recipe (distill, rl)
+    overrides: list[str] = field(default_factory=list)  # key=value; `{pipeline_dir}` is expanded
+
+
+@dataclass
+class PipelineRecipe:
+    """Stages run in order: select chooses among the last distill's checkpoints, the first RL
+    stage starts from that choice and every later RL stage from the previous one's result."""
+
+    stage: Literal["pipeline"] = "pipeline"
+    name: str = "pipeline"
+    stages: list[PipelineStage] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")

@@ -1,0 +1,184 @@
+"""Rewards computed in worker processes with a hard timeout: a verifier that hangs (a pathological
+sympy expression, a sandbox that never returns) is SIGKILLed and replaced, and its item scores 0,
+instead of stalling the whole RL step.
+
+Workers are started with "spawn": the trainer has torch and gloo threads, which fork would copy in
+a broken state. Each item runs in a worker's main thread, where Math-Verify's signal.alarm
+timeouts work."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from megatron_ring.rewards.choice_reward import score_choice
+from megatron_ring.rewards.code_sandbox import bwrap_path, configure_sandbox, run_tests, score_code
+from megatron_ring.rewards.math_reward import score_math
+
+
+def math_reward(response: str, row: dict) -> float:
+    return score_math(response, str(row["answer"]))
+
+
+def choice_reward(response: str, row: dict) -> float:
+    return score_choice(response, str(row["answer"]))
+
+
+# domain -> fn(response, row) -> float; row is the whole prompt row (PromptRow.row).
+REWARD_FNS = {"math": math_reward, "science": choice_reward, "code": score_code}
+
+STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy on a loaded machine
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    timed_out: bool = False
+    error: str | None = None
+
+
+def _serve(conn, fns: dict, hide: tuple) -> None:
+    """The worker: one item at a time, in this process's main thread."""
+    configure_sandbox(hide=hide)
+    conn.send("ready")
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        index, domain, response, row = message
+        try:
+            reward, error = float(fns[domain](response, row)), None
+        except Exception as e:  # a verifier's bug scores 0, it does not stop the run
+            reward, error = 0.0, f"{type(e).__name__}: {e}"
+        conn.send((index, reward, error))
+
+
+class _Worker:
+    def __init__(self, ctx, fns: dict, hide: tuple):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, fns, hide), daemon=True,
+                                   name="reward-worker")
+        self.process.start()
+        child.close()
+        self.ready = False
+        self.started = time.monotonic()
+        self.item: tuple[int, float] | None = None  # (index, deadline)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class RewardPool:
+    """score([(domain, response, row), ...]) -> [RewardResult] in input order.
+
+    `fns` replaces the domain -> reward table (module-level functions: they are pickled to the
+    workers); `hide` are host paths (the run directory, checkpoints) code never sees."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, hide=(), fns: dict | None = None):
+        self.timeout_s = timeout_s
+        self.fns = dict(REWARD_FNS if fns is None else fns)
+        self.hide = tuple(str(p) for p in hide)
+        if self.fns.get("code") is score_code:
+            _check_sandbox(self.hide)
+        self._ctx = mp.get_context("spawn")
+        self._workers = [self._spawn() for _ in range(workers)]
+        self._closed = False
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self.fns, self.hide)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def score(self, items: list[tuple[str, str, dict]]) -> list[RewardResult]:
+        if self._closed:
+            raise RuntimeError("RewardPool is closed")
+        results: list[RewardResult | None] = [None] * len(items)
+        queue = deque()
+        for index, (domain, response, row) in enumerate(items):
+            if domain in self.fns:
+                queue.append((index, domain, response, row))
+            else:
+                results[index] = RewardResult(0.0, error=f"no reward function for domain {domain!r}")
+        while queue or any(w.item for w in self._workers):
+            for worker in self._workers:
+                if worker.ready and worker.item is None and queue:
+                    message = queue.popleft()
+                    worker.conn.send(message)
+                    worker.item = (message[0], time.monotonic() + self.timeout_s)
+            self._collect(results)
+        return results
+
+    def _collect(self, results: list) -> None:
+        """Wait for the next message or deadline; kill and replace late or dead workers."""
+        now = time.monotonic()
+        deadlines = [w.item[1] if w.item else w.started + STARTUP_TIMEOUT_S
+                     for w in self._workers if w.item or not w.ready]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        ready = wait([w.conn for w in self._workers], timeout)
+        for worker in list(self._workers):
+            if worker.conn in ready:
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    self._lost(worker, results, f"reward worker died (exit code {worker.process.exitcode})")
+                    continue
+                if message == "ready":
+                    worker.ready = True
+                else:
+                    index, reward, error = message
+                    results[index] = RewardResult(reward, False, error)
+                    worker.item = None
+            elif worker.item and time.monotonic() >= worker.item[1]:
+                results[worker.item[0]] = RewardResult(0.0, True, f"timed out after {self.timeout_s}s")
+                self._replace(worker)
+            elif not worker.ready and time.monotonic() >= worker.started + STARTUP_TIMEOUT_S:
+                raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S}s")
+
+    def _lost(self, worker: _Worker, results: list, reason: str) -> None:
+        if worker.item is None and not worker.ready:
+            raise RuntimeError(f"{reason} while starting; run a reward fn in this process to see why")
+        if worker.item is not None:
+            results[worker.item[0]] = RewardResult(0.0, False, reason)
+        self._replace(worker)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for worker in self._workers:
+            worker.process.join(5.0)
+            worker.kill()
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if hasattr(self, "_closed"):
+            self.close()
+
+
+def _check_sandbox(hide: tuple) -> None:
+    """Fail at startup, not as a silent 0 on every code item, when the sandbox cannot run."""
+    bwrap_path()
+    result = run_tests("print(input())", [{"input": "ok\n", "output": "ok\n"}], hide=hide)
+    if not result.all_passed:
+        raise RuntimeError(f"the code sandbox fails a trivial program: {result.error}")

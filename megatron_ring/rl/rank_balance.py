@@ -1,0 +1,55 @@
+"""Segments -> micro-batches per data-parallel rank. Every rank must run the same number of
+micro-batches (MoE all-to-all and the DP gradient reduction are collective), so ranks with
+fewer are padded with empty micro-batches (one dummy row, no loss); segments are spread so the
+ranks' token loads are close (longest first to the least loaded rank that has room). The
+invariants (equal counts, every segment exactly once) are asserted here, not hoped for."""
+
+from __future__ import annotations
+
+import math
+
+from megatron_ring.rl.responses import Segment
+from megatron_ring.rl.token_budget import assert_partition
+
+MicroBatch = list[Segment]  # empty: a dummy micro-batch
+
+
+def spread(segments: list[Segment], dp: int) -> list[list[Segment]]:
+    """Whole segments to ranks: at most ceil(n/dp) each, balancing forward tokens."""
+    cap = math.ceil(len(segments) / dp) if segments else 0
+    ranks: list[list[Segment]] = [[] for _ in range(dp)]
+    load = [0] * dp
+    for seg in sorted(segments, key=lambda s: (-s.seq_len, s.response.uid, s.start)):
+        r = min((r for r in range(dp) if len(ranks[r]) < cap), key=lambda r: (load[r], r))
+        ranks[r].append(seg)
+        load[r] += seg.seq_len
+    return ranks
+
+
+def micro_batches(per_rank: list[list[Segment]], micro_batch: int) -> list[list[MicroBatch]]:
+    """Each rank's segments in micro-batches of `micro_batch` rows (similar lengths together, to
+    pad little), every rank padded to the same number of micro-batches."""
+    if micro_batch <= 0:
+        raise ValueError(f"micro_batch must be > 0, got {micro_batch}")
+    out = []
+    for segs in per_rank:
+        segs = sorted(segs, key=lambda s: (s.seq_len, s.response.uid, s.start))
+        out.append([segs[i:i + micro_batch] for i in range(0, len(segs), micro_batch)])
+    count = max(1, max(len(m) for m in out))
+    for m in out:
+        m.extend([] for _ in range(count - len(m)))
+    assert len({len(m) for m in out}) == 1, "ranks must run the same number of micro-batches"
+    assert_partition([s for segs in per_rank for s in segs], [s for m in out for mb in m for s in mb])
+    return out
+
+
+def plan(buckets: list[list[Segment]], dp: int, micro_batch: int) -> list[list[MicroBatch]]:
+    """Buckets from fill_buckets -> micro-batches per rank: a per-rank bucket list is used as is
+    (one bucket per rank), a single global bucket is spread over the ranks."""
+    if len(buckets) == dp:
+        per_rank = buckets
+    elif len(buckets) == 1:
+        per_rank = spread(buckets[0], dp)
+    else:
+        raise ValueError(f"{len(buckets)} buckets for {dp} data-parallel ranks")
+    return micro_batches(per_rank, micro_batch)

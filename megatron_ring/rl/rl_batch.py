@@ -1,0 +1,60 @@
+"""A micro-batch of segments as tensors: prompt + response tokens right-padded, and per position
+t (which predicts token t+1) the loss weight, advantage and the rollout/old/reference logprobs
+of that next token. Only a segment's own response tokens [start, end) get a weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ring.rl.responses import Segment
+
+
+@dataclass
+class RLBatch:
+    input_ids: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]: the next token
+    weights: torch.Tensor  # [b, s] float: the loss mode's per-token weight, 0 off the segment
+    advantages: torch.Tensor  # [b, s]
+    rollout_logp: torch.Tensor  # [b, s]
+    old_logp: torch.Tensor | None = None  # filled by the trainer's forward-only pass
+    ref_logp: torch.Tensor | None = None
+
+    def positions(self) -> torch.Tensor:
+        b, s = self.input_ids.shape
+        return torch.arange(s).unsqueeze(0).expand(b, s)
+
+    @property
+    def loss_tokens(self) -> int:
+        return int((self.weights != 0).sum())
+
+
+def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool) -> RLBatch:
+    """per_response_norm: weight 1/|y| (GRPO's per-sample mean), else 1. An empty list gives a
+    one-row dummy with no loss, so a rank without work still runs the collective forward."""
+    rows = [s.response.prompt_ids + s.response.tokens[:s.end] for s in segments] or [[pad_id]]
+    width = -(-max(len(r) + 1 for r in rows) // multiple) * multiple  # +1: room for the last label
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    weights, adv, rollout = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    for i, seg in enumerate(segments):
+        r = seg.response
+        p = len(r.prompt_ids)
+        lo, hi = p + seg.start - 1, p + seg.end - 1  # positions predicting tokens [start, end)
+        weights[i, lo:hi] = 1.0 / len(r.tokens) if per_response_norm else 1.0
+        adv[i, lo:hi] = r.advantage
+        rollout[i, lo:hi] = torch.tensor(r.rollout_logp[seg.start:seg.end])
+    labels = torch.full(shape, pad_id, dtype=torch.long)
+    labels[:, :-1] = ids[:, 1:]
+    return RLBatch(ids, labels, weights, adv, rollout)
+
+
+def truncate_importance(batch: RLBatch, cap: float) -> None:
+    """Truncated importance sampling: the rollout engine sampled from a slightly different policy
+    (other kernels, stale weights for carried segments), so each token's weight is multiplied by
+    min(pi_old / pi_rollout, cap), a correction whose variance the cap bounds."""
+    ratio = torch.exp(batch.old_logp - batch.rollout_logp).clamp(max=cap)
+    batch.weights = torch.where(batch.weights != 0, batch.weights * ratio, batch.weights)

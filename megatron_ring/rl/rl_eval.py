@@ -1,0 +1,36 @@
+"""Held-out accuracy during RL: the policy samples the held-out prompts (the same measurement
+`select` makes of distillation checkpoints) before the first step, every eval.every_steps and
+after the last, so a stage's effect is read off its own metrics."""
+
+from __future__ import annotations
+
+from megatron_ring.data.rl_prompts import read_rl_prompts
+from megatron_ring.inference.sampling import SamplingParams
+from megatron_ring.recipe.schema import expand
+from megatron_ring.selection.evaluate import evaluate
+
+
+class Evaluator:
+    def __init__(self, recipe, run_dir, tokenizer):
+        e = self.settings = recipe.eval
+        self.tokenizer = tokenizer
+        self.prompts = []
+        if e.prompts:
+            self.prompts, _ = read_rl_prompts(expand(e.prompts, run_dir))
+            if recipe.data.domains:
+                self.prompts = [p for p in self.prompts if p.domain in recipe.data.domains]
+            if e.max_prompts:
+                self.prompts = self.prompts[:e.max_prompts]
+
+    def due(self, step: int, last: int) -> bool:
+        every = self.settings.every_steps
+        return bool(self.prompts) and (step == last or (every > 0 and step % every == 0))
+
+    def run(self, model) -> dict:
+        if not self.prompts:
+            return {}
+        e = self.settings
+        params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
+        result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, params, e.batch_size)
+        model.train()
+        return {f"eval_{k}": v for k, v in result.items()}

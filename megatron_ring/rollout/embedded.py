@@ -1,0 +1,45 @@
+"""The embedded rollout engine: the trainer's own Megatron model samples the responses (the
+default of the tiny recipes and the CPU tests). Pushing weights is a no-op: it samples from the
+weights being trained. Each data-parallel rank generates its share of the (prompt, sample) pairs;
+the completions are then gathered so every rank holds all of them."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_ring.inference.sampling import SamplingParams, generate
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutParams
+
+
+class EmbeddedEngine(RolloutEngine):
+    def __init__(self, model, eos_id: int, batch_size: int = 64):
+        self.model = model
+        self.eos_id = eos_id
+        self.batch_size = batch_size
+
+    def generate(self, prompts, n, params: RolloutParams, keys=None):
+        keys = list(range(len(prompts))) if keys is None else keys
+        pairs = [(p, s) for p in range(len(prompts)) for s in range(n)]
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = pairs[rank::dp]
+        sp = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                            top_p=params.top_p, seed=params.seed)
+        # A sample's seed key: its prompt's key and its index, so it is the same at any layout.
+        samples = generate(self.model, [prompts[p] for p, _ in mine], [keys[p] * n + s for p, s in mine], sp,
+                           self.eos_id, self.batch_size)
+        self.model.train()
+        local = [(p, s, Completion(x.tokens, x.logprobs, x.finish_reason)) for (p, s), x in zip(mine, samples)]
+        gathered = [None] * dp
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        out = [[None] * n for _ in prompts]
+        for part in gathered:
+            for p, s, c in part:
+                out[p][s] = c
+        return out
+
+    def push_weights(self, model, version: int) -> None:
+        pass  # samples from the live weights
+
+    def health(self) -> bool:
+        return True
