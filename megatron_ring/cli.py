@@ -207,10 +207,11 @@ def main(argv=None) -> int:
     args.argv = argv
     from megatron_ring.models.hf_checkpoint import CheckpointError
     from megatron_ring.platform.layout import LayoutError
+    from megatron_ring.rollout.base import RolloutError
 
     try:
         return args.func(args)
-    except (CheckpointError, LayoutError, ValueError) as e:
+    except (CheckpointError, LayoutError, RolloutError, ValueError) as e:
         print(f"megatron-ring {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ import re
 
 from megatron_ring.rewards.boxed import last_boxed
 
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")  # \text{D} -> D
 _LETTER = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)\s]|$)")
 
 
@@ -13,7 +14,7 @@ def answer_letter(response: str) -> str | None:
     answer = last_boxed(response)
     if not answer:
         return None
-    m = _LETTER.match(answer.replace("\\text{", "").strip())
+    m = _LETTER.match(_TEXT.sub(r"\1", answer).strip())
     return m.group(1).upper() if m else None
 
 

@@ -13,7 +13,7 @@ from megatron_ring.selection.evaluate import evaluate
 class Evaluator:
     def __init__(self, recipe, run_dir, tokenizer):
         e = self.settings = recipe.eval
-        self.tokenizer = tokenizer
+        self.tokenizer, self.run_dir = tokenizer, run_dir
         self.prompts = []
         if e.prompts:
             self.prompts, _ = read_rl_prompts(expand(e.prompts, run_dir))
@@ -31,6 +31,6 @@ class Evaluator:
             return {}
         e = self.settings
         params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
-        result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, params, e.batch_size)
+        result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, params, e.batch_size, self.run_dir)
         model.train()
         return {f"eval_{k}": v for k, v in result.items()}

@@ -221,6 +221,8 @@ class RLStage:
                      progress=recipe.logging.progress, active=stage_setup.is_logging_rank())
         log.message(f"rl ({recipe.name}): {len(self.prompts.rows)} prompts, {self.recipe.describe_batch(self.layout)}"
                     + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
+        # A server given by URL (or restarted with a resumed run) serves other weights until told.
+        self.engine.push_weights(self.model, start)
         if start == 0:
             log.log({"step": 0, **self.evaluator.run(self.model)}, show=("eval_accuracy",))
         record: dict = {}

@@ -59,7 +59,7 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
         else:
             state = checkpoint.load(path, model)
             result = {"path": str(path), "step": state["step"], "epoch": state.get("epoch", 0.0),
-                      **evaluate(model, tokenizer, prompts, s.samples_per_prompt, params, s.batch_size)}
+                      **evaluate(model, tokenizer, prompts, s.samples_per_prompt, params, s.batch_size, run_dir)}
             if rank0:
                 cache.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(result))

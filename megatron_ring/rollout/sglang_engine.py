@@ -1,0 +1,194 @@
+"""The rollout engine backed by an SGLang server (given by URL, or started here).
+
+Only the trainer's rank 0 talks to the server; what it gets (or the error it hit) is broadcast
+to every rank, so all ranks return the same completions or all raise the same RolloutError and
+the step ends together, before anything is written over the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, RolloutParams
+from megatron_ring.rollout.sglang_client import SGLangClient
+from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
+from megatron_ring.rollout.weight_sync import WeightBroadcaster, hf_named_tensors, push_from_disk
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def from_rank0(fn):
+    """fn() run on rank 0 only; every rank returns its result or raises its error."""
+    if not _distributed():
+        return fn()
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # every rank must hear about it, or they wait forever
+            error = e
+            box[0] = ("error", f"{type(e).__name__}: {e}" if not isinstance(e, RolloutError) else str(e))
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise RolloutError(value)
+    return value
+
+
+def _free_port_here() -> int:
+    from megatron_ring.platform.distributed import free_port
+
+    return free_port()
+
+
+def _master_address(engine) -> str:
+    """Where the server reaches trainer rank 0: loopback for a server started here."""
+    if engine.server is not None:
+        return "127.0.0.1"
+    return os.environ.get("ROLLOUT_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+
+
+def _server_tp(engine, server_args) -> int:
+    """The server's rank count: --tp of its arguments, else what /get_server_info says."""
+    args = [str(a) for a in server_args]
+    for flag in ("--tp", "--tp-size", "--tensor-parallel-size"):
+        if flag in args:
+            return int(args[args.index(flag) + 1])
+    try:
+        return int(engine.client.request("GET", "/get_server_info").get("tp_size", 1))
+    except (RolloutError, AttributeError, TypeError, ValueError):
+        return 1
+
+
+class SGLangEngine(RolloutEngine):
+    """RolloutEngine over SGLang's HTTP API.
+
+    weight_mode "disk": push_weights exports HF safetensors into weights_dir (a directory the
+    server can read) and the server reloads it. "distributed": tensors are broadcast to the
+    server over a separate process group (see weight_sync.WeightBroadcaster).
+    """
+
+    def __init__(self, client: SGLangClient, *, server: SGLangServer | None = None,
+                 weight_mode: str = "disk", weights_dir=None, export_dtype: torch.dtype = torch.bfloat16,
+                 stop_token_ids: list[int] | None = None, broadcaster: WeightBroadcaster | None = None):
+        if weight_mode not in ("disk", "distributed"):
+            raise ValueError(f"weight_mode must be 'disk' or 'distributed', not {weight_mode!r}")
+        if weight_mode == "disk" and weights_dir is None:
+            raise ValueError("weight_mode 'disk' needs weights_dir (e.g. RUN_DIR/rollout_weights)")
+        if weight_mode == "distributed" and broadcaster is None and _rank() == 0:
+            raise ValueError("weight_mode 'distributed' needs a WeightBroadcaster on rank 0")
+        self.client, self.server = client, server
+        self.weight_mode, self.export_dtype = weight_mode, export_dtype
+        self.weights_dir = None if weights_dir is None else Path(weights_dir)
+        self.stop_token_ids, self.broadcaster = stop_token_ids, broadcaster
+        self.version = None
+
+    @classmethod
+    def connect(cls, url: str, client_options: dict | None = None, **kwargs) -> "SGLangEngine":
+        """An engine on a server that is already running at url."""
+        return cls(SGLangClient(url, **(client_options or {})), **kwargs)
+
+    @classmethod
+    def launch(cls, model_path, run_dir, port: int | None = None, tp: int = 1, dtype: str | None = None,
+               extra_args=(), command=SGLANG_COMMAND, env: dict | None = None,
+               ready_timeout_s: float = 600.0, client_options: dict | None = None,
+               **kwargs) -> "SGLangEngine":
+        """Start a server on model_path from rank 0 (log: run_dir/sglang_server.log); collective."""
+        from megatron_ring.platform.distributed import free_port
+
+        server = None
+
+        def start():
+            nonlocal server
+            server = launch(model_path, Path(run_dir) / "sglang_server.log", port or free_port(),
+                            tp=tp, dtype=dtype, extra_args=extra_args, command=command, env=env,
+                            ready_timeout_s=ready_timeout_s)
+            return server.url
+
+        url = from_rank0(start)
+        return cls(SGLangClient(url, **(client_options or {})), server=server, **kwargs)
+
+    @classmethod
+    def from_recipe(cls, recipe, model, tokenizer, run_dir) -> "SGLangEngine":
+        """The recipe's engine (collective): rollout.url, or a server started on the model's
+        current weights exported to run_dir/rollout_weights; rollout.weight_sync picks the push.
+        A server given by URL serves its own weights until the first push_weights."""
+        ro, run_dir = recipe.rollout, Path(run_dir)
+        weights_dir = run_dir / "rollout_weights"
+        kwargs = {"weights_dir": weights_dir, "stop_token_ids": [tokenizer.eos_id]}
+        if ro.url:
+            engine = cls.connect(ro.url, **kwargs)
+        else:
+            from megatron_ring.models.weights import export_hf
+
+            if _rank() == 0 and weights_dir.exists():
+                shutil.rmtree(weights_dir)
+            export_hf(model, weights_dir, torch.bfloat16)
+            engine = cls.launch(weights_dir, run_dir, extra_args=ro.server_args, **kwargs)
+        if ro.weight_sync == "distributed":
+            engine.weight_mode = "distributed"
+            if _rank() == 0:
+                engine.broadcaster = WeightBroadcaster(
+                    engine.client, _master_address(engine), _free_port_here(),
+                    server_world_size=_server_tp(engine, ro.server_args),
+                    backend="nccl" if torch.cuda.is_available() else "gloo")
+        return engine
+
+    def generate(self, prompts: list[list[int]], n: int, params: RolloutParams,
+                 keys: list[int] | None = None) -> list[list[Completion]]:
+        """Rank 0's prompts are sent; every rank gets their completions (pass the same prompts)."""
+        return from_rank0(lambda: self.client.generate(prompts, n, params, keys, self.stop_token_ids))
+
+    def push_weights(self, model, version: int) -> None:
+        if self.weight_mode == "disk":
+            self._push_disk(model, version)
+        else:
+            self._push_distributed(model, version)
+        self.version = version
+
+    def _push_disk(self, model, version: int) -> None:
+        from megatron_ring.models.weights import export_hf
+
+        if _rank() == 0 and self.weights_dir.exists():
+            shutil.rmtree(self.weights_dir)  # no shard of an older export may survive
+        export_hf(model, self.weights_dir, self.export_dtype)  # collective, ends with a barrier
+        from_rank0(lambda: push_from_disk(self.client, self.weights_dir, version))
+
+    def _push_distributed(self, model, version: int) -> None:
+        named = hf_named_tensors(model)  # collective: every rank walks it to the end
+
+        def send():
+            try:
+                self.broadcaster.push(named, version)
+            finally:
+                for _ in named:
+                    pass
+
+        if _rank() != 0:
+            for _ in named:
+                pass
+        from_rank0(send)
+
+    def health(self) -> bool:
+        return self.client.health()
+
+    def close(self) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
