@@ -59,3 +59,47 @@ def test_dry_run_prints_recipe_and_layout(capsys):
     assert "train.global_batch: 100 rows do not split" in capsys.readouterr().err
     assert main(["distill", str(LING), "--dry-run", "parallel.ep=7"]) == 2
     assert "num_experts=64 is not divisible by ep=7" in capsys.readouterr().err
+
+
+RL1 = ROOT / "recipes/ling_lite/rl_stage1_math.yaml"
+RL2 = ROOT / "recipes/ling_lite/rl_stage2_code_science.yaml"
+
+
+def test_rl_recipes_carry_the_paper_values():
+    r = load_recipe(RL1)
+    assert (r.rollout.prompts_per_step, r.rollout.samples_per_prompt, r.rl.token_budget) == (512, 16, 409600)
+    assert (r.train.lr, r.rl.eps_low, r.rl.eps_high, r.rl.kl_beta, r.rl.entropy_coef) == (3e-6, 0.2, 0.2, 1e-3, 5e-4)
+    assert (r.model.aux_loss_coeff, r.model.z_loss_coeff, r.rollout.temperature) == (1e-5, 1e-7, 1.0)
+    assert r.rollout.max_new_tokens == 24576 and r.data.domains == ["math"]
+    r2 = load_recipe(RL2)
+    assert r2.rollout.max_new_tokens == 32768 and r2.data.domains == ["code", "science"]
+    assert r2.rl.token_budget == 409600  # inherited through stage 1 from the base
+    for name in ("ling_lite", "tiny"):
+        p = load_recipe(ROOT / f"recipes/{name}/pipeline.yaml")
+        assert [s.kind for s in p.stages] == ["distill", "select", "rl", "rl"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.loss_mode=ppo", "rl.loss_mode: must be one of ['c3po', 'grpo', 'token_mean']"),
+    ("rl.token_budget=0", "token_budget must be > 0"),
+    ("rl.leftover=keep", "rl.leftover: must be one of ['carry', 'drop']"),
+    ("rollout.samples_per_prompt=0", "samples_per_prompt must be > 0"),
+    ("rl.tis_cap=-1", "tis_cap must be >= 0"),
+    ("model.init=null", "model.init: the KL reference is the model RL starts from"),
+    ("rollout.engine=embedded", "rollout.url: only for rollout.engine=sglang"),
+])
+def test_bad_rl_values_name_the_key(override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(RL1, [override, "rollout.url=http://127.0.0.1:1"])
+    assert message in str(e.value)
+
+
+def test_rl_dry_run_and_stage_mismatch(capsys):
+    assert main(["rl", str(RL1), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "token_budget: 409600" in out and "TP 2 (sequence parallel on) x DP 128; EP 8" in out
+    assert "Phi 409600 per rank" in out
+    assert main(["rl", str(TINY), "--dry-run"]) == 2
+    assert "'distill' recipe given to `megatron-ring rl`" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "recipes/tiny/pipeline.yaml"), "nostage.train.lr=1"]) == 2
+    assert "pipeline overrides are STAGE.key=value" in capsys.readouterr().err

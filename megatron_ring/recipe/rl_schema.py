@@ -110,6 +110,13 @@ class RLRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
+    def __post_init__(self):
+        if self.rl.kl_beta > 0 and not self.model.init:
+            raise ValueError("model.init: the KL reference is the model RL starts from; set model.init "
+                             "(a distillation checkpoint or HF directory) or rl.kl_beta=0")
+        if self.rollout.engine == "embedded" and self.rollout.url:
+            raise ValueError("rollout.url: only for rollout.engine=sglang")
+
     def describe_batch(self, layout) -> str:
         r, ro = self.rl, self.rollout
         if r.loss_mode != "c3po":

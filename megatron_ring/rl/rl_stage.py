@@ -17,7 +17,6 @@ from pathlib import Path
 from megatron.core import parallel_state as ps
 
 from megatron_ring.platform import distributed
-from megatron_ring.recipe import RecipeError
 from megatron_ring.recipe.schema import check_layout, expand
 from megatron_ring.rl import policy_loss, rank_balance, rewards_step, rl_batch
 from megatron_ring.rl.advantages import drop_zero_variance, group_advantages
@@ -50,15 +49,6 @@ class StepState:
         return cls(d["step"], d["prompt_cursor"], [Segment.from_json(s) for s in d.get("pending", [])])
 
 
-def _check(recipe):
-    r = recipe.rl
-    if r.kl_beta > 0 and not recipe.model.init:
-        raise RecipeError("model.init: the KL reference is the model RL starts from; set model.init "
-                          "(a distillation checkpoint or HF directory) or rl.kl_beta=0")
-    if recipe.rollout.engine == "embedded" and recipe.rollout.url:
-        raise RecipeError("rollout.url: only for rollout.engine=sglang")
-
-
 def budget_total(recipe, dp: int) -> int:
     r = recipe.rl
     return r.token_budget * (dp if r.budget_scope == "per_rank" else 1)
@@ -77,7 +67,6 @@ def divisor(recipe, dp: int, segments: list[Segment]) -> float:
 class RLStage:
     def __init__(self, recipe, run_dir: Path):
         self.recipe, self.run_dir = recipe, Path(run_dir)
-        _check(recipe)
         t = recipe.train
         self.layout = check_layout(recipe, world_size=distributed.launched_world_size())
         distributed.init(self.layout.tp, self.layout.ep, seed=t.seed)
