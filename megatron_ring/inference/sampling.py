@@ -1,12 +1,17 @@
 """Sampling from the Megatron model itself, without a server: used to measure a checkpoint's
 entropy on its own responses, and the core of the embedded rollout engine.
 
-Every step re-runs the forward over the prompt and the tokens so far (no KV cache): simple and
-exact, and cheap at the sizes it is used for on CPU. Rows are right-padded, so causal attention
-keeps padding out of every real position. Each (prompt, sample) has its own seeded generator,
-so samples do not depend on batch composition or on how prompts are split over ranks. All
-ranks run the same number of forward passes (MoE all-to-all and TP collectives need every rank):
-a rank with nothing left runs a one-token dummy step."""
+Without tensor parallelism the forward keeps Megatron's static KV cache (StaticInferenceContext):
+a batch is prefilled up to its shortest prompt, then advanced one position per forward, rows
+still inside their prompt being fed their next prompt token, so every row sits at the same
+position and RoPE needs no per-row offsets. Under TP (sequence parallelism cannot split a
+one-token step) every step re-runs the forward over the prompt and the tokens so far; rows are
+right-padded, so causal attention keeps padding out of every real position. Both give the same
+logits (to fp32 rounding).
+Each (prompt, sample) has its own seeded generator, drawn once per generated token, so samples
+do not depend on batch composition or on how prompts are split over ranks. All ranks run the
+same number of forward passes (MoE all-to-all and TP collectives need every rank): a rank with
+nothing left runs dummy steps."""
 
 from __future__ import annotations
 
@@ -57,6 +62,80 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+class _Batch:
+    """One batch of prompts being sampled; `record` appends a sampled token."""
+
+    def __init__(self, prompts, keys, idx, params: SamplingParams, eos_id: int, limit: int, out):
+        self.seqs = {i: list(prompts[i]) for i in idx}
+        self.gens = {i: torch.Generator().manual_seed(params.seed * 1_000_003 + keys[i]) for i in idx}
+        self.left = {i: params.max_new_tokens for i in idx}
+        self.active = [i for i in idx if len(self.seqs[i]) < limit and params.max_new_tokens > 0]
+        self.eos_id, self.limit, self.out = eos_id, limit, out
+
+    def record(self, i: int, tok: int, logp: float, ent: float) -> bool:
+        """Append a sampled token; False when row i is finished."""
+        sample = self.out[i]
+        sample.tokens.append(tok)
+        sample.logprobs.append(logp)
+        sample.entropies.append(ent)
+        self.seqs[i].append(tok)
+        self.left[i] -= 1
+        if tok == self.eos_id:
+            sample.finish_reason = "stop"
+            return False
+        return len(self.seqs[i]) < self.limit and self.left[i] > 0
+
+
+def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int) -> None:
+    """Every step: a forward over each active row's prompt and tokens so far."""
+    while _any_rank(bool(b.active)):
+        rows = [b.seqs[i] for i in b.active] or [[b.eos_id]]
+        width = -(-max(map(len, rows)) // tp) * tp  # sequence parallelism splits the sequence
+        ids = torch.full((len(rows), width), b.eos_id, dtype=torch.long)
+        for r, s in enumerate(rows):
+            ids[r, :len(s)] = torch.tensor(s)
+        pos = torch.arange(width).expand(len(rows), width)
+        logits = full_logits(model(ids, pos, None), model.arch.vocab_size)
+        if not b.active:
+            continue
+        last = torch.tensor([len(s) - 1 for s in rows])
+        token, logp, ent = _pick(logits[torch.arange(len(rows)), last], params, [b.gens[i] for i in b.active])
+        b.active = [i for r, i in enumerate(b.active) if b.record(i, int(token[r]), float(logp[r]), float(ent[r]))]
+
+
+def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
+    """Prefill to the shortest prompt, then one position per forward with the KV cache. A rank
+    whose rows are done runs one-token forwards without a cache while others still sample."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    rows = list(b.active)
+    prompt_len = {i: len(b.seqs[i]) for i in rows}
+    end = max((min(prompt_len[i] + b.left[i], b.limit) for i in rows), default=0)
+    ctx = StaticInferenceContext(max(len(rows), 1), max(end, 1))
+    width = min(prompt_len.values(), default=0)
+    ids = torch.tensor([b.seqs[i][:width] for i in rows], dtype=torch.long)
+    vocab = model.arch.vocab_size
+    while True:
+        if rows and ctx.sequence_len_offset < end:
+            t0 = ctx.sequence_len_offset
+            pos = torch.arange(t0, t0 + ids.shape[1]).expand(ids.shape[0], -1)
+            logits = model(ids, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1, :vocab]
+            ctx.sequence_len_offset += ids.shape[1]
+            ctx.enable_decode_mode()
+            t = ctx.sequence_len_offset  # the position whose token these logits predict
+            due = [r for r, i in enumerate(rows) if i in b.active and t >= prompt_len[i]]
+            if due:
+                token, logp, ent = _pick(logits[due], params, [b.gens[rows[r]] for r in due])
+                for k, r in enumerate(due):
+                    if not b.record(rows[r], int(token[k]), float(logp[k]), float(ent[k])):
+                        b.active.remove(rows[r])
+            ids = torch.tensor([[b.seqs[i][t] if t < len(b.seqs[i]) else b.eos_id] for i in rows], dtype=torch.long)
+        else:  # nothing left here: keep the other ranks' collectives company
+            model(torch.full((1, 1), b.eos_id, dtype=torch.long), torch.zeros((1, 1), dtype=torch.long), None)
+        if not _any_rank(bool(b.active) and ctx.sequence_len_offset < end):
+            return
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingParams, eos_id: int,
              batch_size: int = 64) -> list[Sample]:
@@ -65,39 +144,13 @@ def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingP
     model.eval()
     out = [Sample() for _ in prompts]
     tp = ps.get_tensor_model_parallel_world_size()
-    limit = model.arch.max_position_embeddings
     start = 0
     while _any_rank(start < len(prompts)):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         start += batch_size
-        seqs = {i: list(prompts[i]) for i in idx}
-        gens = {i: torch.Generator().manual_seed(params.seed * 1_000_003 + keys[i]) for i in idx}
-        active = [i for i in idx if len(seqs[i]) < limit]
-        for _ in range(params.max_new_tokens):
-            if not _any_rank(bool(active)):
-                break
-            rows = [seqs[i] for i in active] or [[eos_id]]
-            width = -(-max(map(len, rows)) // tp) * tp  # sequence parallelism splits the sequence
-            ids = torch.full((len(rows), width), eos_id, dtype=torch.long)
-            for r, s in enumerate(rows):
-                ids[r, :len(s)] = torch.tensor(s)
-            pos = torch.arange(width).expand(len(rows), width)
-            logits = full_logits(model(ids, pos, None), model.arch.vocab_size)
-            if not active:
-                continue
-            last = torch.tensor([len(s) - 1 for s in rows])
-            token, logp, ent = _pick(logits[torch.arange(len(rows)), last], params, [gens[i] for i in active])
-            still = []
-            for r, i in enumerate(active):
-                tok = int(token[r])
-                sample = out[i]
-                sample.tokens.append(tok)
-                sample.logprobs.append(float(logp[r]))
-                sample.entropies.append(float(ent[r]))
-                seqs[i].append(tok)
-                if tok == eos_id:
-                    sample.finish_reason = "stop"
-                elif len(seqs[i]) < limit:
-                    still.append(i)
-            active = still
+        b = _Batch(prompts, keys, idx, params, eos_id, model.arch.max_position_embeddings, out)
+        if tp == 1:
+            _cached_batch(model, b, params)
+        else:
+            _recompute_batch(model, b, params, tp)
     return out
