@@ -19,9 +19,9 @@ from megatron_ring.data.demo_data import (draw, ensure_demo_data, generate, load
 from megatron_ring.data.demo_tokenizer import CHAT_TEMPLATE, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
-RL_FILES = ("rl_math.jsonl", "rl_code_science.jsonl", "rl_heldout.jsonl")
+RL_FILES = ("rl_math.jsonl", "rl_code_science.jsonl", "rl_heldout.jsonl", "rl_eval.jsonl")
 ALL_FILES = ("sft_train.jsonl", "sft_heldout.jsonl") + RL_FILES
-SMALL = dict(n_sft=200, n_rl_math=32, n_rl_code_science=32, n_heldout=16, n_sft_heldout=16)
+SMALL = dict(n_sft=200, n_rl_math=32, n_rl_code_science=32, n_heldout=16, n_sft_heldout=16, n_eval=16)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_manifest_counts_and_completeness(demo, tmp_path):
     assert manifest is not None and manifest["seed"] == 0
     expected = {"sft_train.jsonl": {"math": 3900, "code": 1500, "science": 600},
                 "rl_math.jsonl": {"math": 512, "code": 0, "science": 0},
-                "rl_heldout.jsonl": {"math": 64, "code": 32, "science": 32}}
+                "rl_heldout.jsonl": {"math": 64, "code": 32, "science": 32},
+                "rl_eval.jsonl": {"math": 512, "code": 256, "science": 256}}
     for name, domains in expected.items():
         assert manifest["files"][name]["domains"] == domains
     for name in ALL_FILES:
@@ -174,7 +175,7 @@ def test_science_answers(demo):
         if "messages" in row:
             assert re.search(rf"(?<![\w.]){re.escape(correct)}(?!\w)", solution(row)), (stem, correct)
             assert solution(row).endswith(f"option {letter}. \\boxed{{{letter}}}")
-    assert len(letters) == 600 + 26 + 154 + 32
+    assert len(letters) == 600 + 26 + 154 + 32 + 256  # sft_train, sft_heldout, rl_code_science, rl_heldout, rl_eval
     assert all(letters.count(L) > 0.18 * len(letters) for L in "ABCD")  # shuffled options
 
 
@@ -213,7 +214,7 @@ def _run_harness(jobs: list[dict]) -> list:
 
 def test_every_teacher_program_passes_its_tests(demo):
     code = [r for name in RL_FILES for r in rows(demo, name) if r["domain"] == "code"]
-    assert len(code) == 358 + 32
+    assert len(code) == 358 + 32 + 256  # rl_code_science, rl_heldout, rl_eval
     for r in code:
         assert r["code_language"] == "python" and len(r["code_test_cases"]) >= 3
         assert (r["test_type"] == "function") == ("fn_name" in r), r
@@ -296,3 +297,11 @@ def test_sft_rows_read_by_the_chat_tokenizer(demo):
     examples, report = sft_rows.read_sft_rows([str(demo / "sft_heldout.jsonl")], tok, 192)
     assert report.kept == report.total == len(rows(demo, "sft_heldout.jsonl"))
     assert all(e.ids[-1] == 1 and e.loss_mask[-1] == 1 for e in examples)
+
+
+def test_the_rl_evaluation_set_changed_no_other_file():
+    """rl_eval.jsonl is drawn last: every other file is the same with or without it."""
+    with_eval = generate(seed=0, **SMALL)
+    without = generate(seed=0, **{**SMALL, "n_eval": 0})
+    assert without.pop("rl_eval.jsonl") == [] and len(with_eval.pop("rl_eval.jsonl")) == SMALL["n_eval"]
+    assert with_eval == without

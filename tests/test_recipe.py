@@ -87,6 +87,7 @@ def test_rl_recipes_carry_the_paper_values():
     ("rl.tis_cap=-1", "tis_cap must be >= 0"),
     ("model.init=null", "model.init: the KL reference is the model RL starts from"),
     ("rollout.engine=embedded", "rollout.url: only for rollout.engine=sglang"),
+    ("rollout.replay_dir=runs/x/rollouts", "rollout.replay_dir: set it exactly when rollout.engine=replay"),
 ])
 def test_bad_rl_values_name_the_key(override, message):
     with pytest.raises(RecipeError) as e:

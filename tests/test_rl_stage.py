@@ -20,7 +20,7 @@ DISTILL = ["data.demo_sft_rows=200", "data.seq_length=128", "train.epochs=1", "t
            "train.micro_batch=2", "train.save_every_steps=0", "logging.progress=false", "logging.wandb=disabled"]
 SELECT = ["select.max_prompts=8", "select.max_new_tokens=24", "select.entropy_low=0.0", "select.entropy_high=100"]
 RL = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24",
-      f"rl.token_budget={PHI}", "train.steps=2", "train.micro_batch=4", "eval.max_prompts=4",
+      f"rl.token_budget={PHI}", "rl.drop_zero_variance=false", "train.steps=2", "train.micro_batch=4", "eval.max_prompts=4",
       "eval.max_new_tokens=24", "logging.progress=false", "logging.wandb=disabled", "reward.timeout_s=20"]
 
 
@@ -77,18 +77,28 @@ def test_pipeline_chains_the_stages(pipeline):
 
 def rl_run(run_dir, init, *extra):
     return ["rl", "recipes/tiny/rl_stage1_math.yaml", "--run-dir", run_dir, f"model.init={init}",
-            f"data.demo={init.parents[2] / 'data'}", f"data.tokenizer={init.parents[2] / 'data' / 'tokenizer'}",
-            f"data.prompts=[{init.parents[2] / 'data' / 'rl_math.jsonl'}]", "eval.prompts=", *RL, *extra]
+            f"data.demo={init.parents[1] / 'data'}", f"data.tokenizer={init.parents[1] / 'data' / 'tokenizer'}",
+            f"data.prompts=[{init.parents[1] / 'data' / 'rl_math.jsonl'}]", "eval.prompts=", *RL, *extra]
 
 
-def test_grpo_trains_on_every_token_of_the_step(pipeline, tmp_path):
+def test_grpo_on_the_same_rollouts(pipeline, tmp_path):
+    """grpo replays stage 1's recorded rounds (the same prompts and samples, so the same rewards)
+    and trains on every token of each, where c3po took exactly its budget."""
     root, _ = pipeline
+    recorded = root / "rl_stage1_math" / "rollouts"
+    rounds = sorted(recorded.glob("round_*.jsonl"))
+    assert rounds and all({"tokens", "logprobs", "reward", "text"} <= set(json.loads(line))
+                          for line in rounds[0].read_text().splitlines())
     init = next((root / "distill" / "checkpoints").glob("iter_*"))
-    cli(*rl_run(tmp_path / "grpo", init, "rl.loss_mode=grpo", "train.steps=2"))
+    cli(*rl_run(tmp_path / "grpo", init, "rl.loss_mode=grpo", "rollout.engine=replay",
+                f"rollout.replay_dir={recorded}", "rollout.record=false"))
     m = [r for r in metrics(tmp_path / "grpo") if r["step"] > 0]
+    c3po = [r for r in metrics(root / "rl_stage1_math") if r["step"] > 0]
+    assert m[0]["reward_mean"] == c3po[0]["reward_mean"] and m[0]["responses"] == c3po[0]["responses"] == 16
     for r in m:
         assert r["loss_mode"] == "grpo" and r["responses"] == 16
         assert r["tokens_in_loss"] == round(r["response_len_mean"] * r["responses"])
+    assert not (tmp_path / "grpo" / "rollouts").exists()
 
 
 def test_killed_rl_run_resumes_exactly(pipeline, tmp_path):

@@ -12,7 +12,7 @@ from megatron_ring.data.rl_prompts import read_rl_prompts
 from megatron_ring.data.sft_rows import DataError, read_sft_rows
 from megatron_ring.train.sft_data import Schedule, rank_share
 
-SMALL = dict(n_sft=60, n_rl_math=8, n_rl_code_science=8, n_heldout=8, n_sft_heldout=8)
+SMALL = dict(n_sft=60, n_rl_math=8, n_rl_code_science=8, n_heldout=8, n_sft_heldout=8, n_eval=8)
 
 
 @pytest.fixture(scope="module")

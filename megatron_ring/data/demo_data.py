@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 DOMAINS = ("math", "code", "science")
 SFT_MIX = {"math": 0.65, "code": 0.25, "science": 0.10}  # Ring-lite's distillation mix, rounded
 CODE_SCIENCE_MIX = {"code": 0.7, "science": 0.3}  # the same code:science ratio
-HELDOUT_MIX = {"math": 0.5, "code": 0.25, "science": 0.25}
+HELDOUT_MIX = {"math": 0.5, "code": 0.25, "science": 0.25}  # also the larger RL evaluation set
 SFT_FILES = ("sft_train.jsonl", "sft_heldout.jsonl")
 TASK_ONLY = ("key", "solution")  # task fields that RL rows leave out
 
@@ -43,14 +43,17 @@ def apportion(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def plan(n_sft: int, n_rl_math: int, n_rl_code_science: int, n_heldout: int, n_sft_heldout: int) -> list:
-    """(file, {domain: count}) in drawing order: held-out sets first."""
+def plan(n_sft: int, n_rl_math: int, n_rl_code_science: int, n_heldout: int, n_sft_heldout: int,
+         n_eval: int = 0) -> list:
+    """(file, {domain: count}) in drawing order: held-out sets first, then the RL evaluation set
+    (drawn last, so adding it changed no other file)."""
     return [
         ("rl_heldout.jsonl", apportion(n_heldout, HELDOUT_MIX)),
         ("rl_math.jsonl", {"math": n_rl_math}),
         ("rl_code_science.jsonl", apportion(n_rl_code_science, CODE_SCIENCE_MIX)),
         ("sft_heldout.jsonl", apportion(n_sft_heldout, SFT_MIX)),
         ("sft_train.jsonl", apportion(n_sft, SFT_MIX)),
+        ("rl_eval.jsonl", apportion(n_eval, HELDOUT_MIX)),  # RL held-out accuracy: 64 prompts are too noisy
     ]
 
 
@@ -83,11 +86,12 @@ def row_prompt(row: dict) -> str:
 
 
 def generate(seed: int = 0, n_sft: int = 6000, n_rl_math: int = 512, n_rl_code_science: int = 512,
-             n_heldout: int = 128, n_sft_heldout: int = 256, math_digits: int = 2) -> dict[str, list[dict]]:
+             n_heldout: int = 128, n_sft_heldout: int = 256, math_digits: int = 2,
+             n_eval: int = 1024) -> dict[str, list[dict]]:
     """All rows of all files, in memory. Questions are disjoint across files (asserted)."""
     seen: set = set()
     files: dict[str, list[dict]] = {}
-    for file, counts in plan(n_sft, n_rl_math, n_rl_code_science, n_heldout, n_sft_heldout):
+    for file, counts in plan(n_sft, n_rl_math, n_rl_code_science, n_heldout, n_sft_heldout, n_eval):
         tasks = [t for domain, n in counts.items()
                  for t in draw(domain, n, random.Random(f"demo:{seed}:{file}:{domain}"), seen, math_digits)]
         random.Random(f"demo:{seed}:{file}:order").shuffle(tasks)
@@ -121,11 +125,11 @@ def _write_atomic(path: Path, text: str) -> str:
 
 def write_demo_data(out_dir, seed: int = 0, n_sft: int = 6000, n_rl_math: int = 512,
                     n_rl_code_science: int = 512, n_heldout: int = 128, n_sft_heldout: int = 256,
-                    math_digits: int = 2, vocab_size: int = 1000) -> dict:
+                    math_digits: int = 2, vocab_size: int = 1000, n_eval: int = 1024) -> dict:
     """Generate everything into out_dir; returns the manifest. Same arguments => same bytes."""
     params = dict(seed=seed, n_sft=n_sft, n_rl_math=n_rl_math, n_rl_code_science=n_rl_code_science,
                   n_heldout=n_heldout, n_sft_heldout=n_sft_heldout, math_digits=math_digits,
-                  vocab_size=vocab_size)
+                  vocab_size=vocab_size, n_eval=n_eval)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest lands

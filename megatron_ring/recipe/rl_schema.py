@@ -22,8 +22,10 @@ class RLDataSection:
 
 @dataclass
 class RolloutSection:
-    engine: Literal["embedded", "sglang"] = "embedded"
+    engine: Literal["embedded", "sglang", "replay"] = "embedded"
     url: str | None = None  # sglang: a running server; none: the trainer starts one
+    replay_dir: str | None = None  # replay: a run's rollouts/ directory, served again in order
+    record: bool = False  # write every rollout round to RUN_DIR/rollouts/ (token ids, text, reward)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
     weight_sync: Literal["disk", "distributed"] = "disk"  # distributed: NCCL broadcast (gloo on CPU)
     prompts_per_step: int = 512
@@ -114,8 +116,10 @@ class RLRecipe:
         if self.rl.kl_beta > 0 and not self.model.init:
             raise ValueError("model.init: the KL reference is the model RL starts from; set model.init "
                              "(a distillation checkpoint or HF directory) or rl.kl_beta=0")
-        if self.rollout.engine == "embedded" and self.rollout.url:
+        if self.rollout.engine != "sglang" and self.rollout.url:
             raise ValueError("rollout.url: only for rollout.engine=sglang")
+        if (self.rollout.engine == "replay") != bool(self.rollout.replay_dir):
+            raise ValueError("rollout.replay_dir: set it exactly when rollout.engine=replay")
 
     def describe_batch(self, layout) -> str:
         r, ro = self.rl, self.rollout

@@ -25,6 +25,7 @@ from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.rl.rl_eval import Evaluator
 from megatron_ring.rl.token_budget import fill_buckets, tokens_of
 from megatron_ring.rollout.base import RolloutParams
+from megatron_ring.rollout.replay import record_round
 from megatron_ring.train import checkpoint, stage_setup
 from megatron_ring.train.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ring.train.run_log import RunLog
@@ -124,6 +125,10 @@ class RLStage:
                                           c.tokens, c.logprobs, c.finish_reason, version=version))
                 rows[uid] = self.prompts.rows[i]
         results = rewards_step.score(pool, responses, rows, self.tokenizer.decode)
+        if ro.record and stage_setup.is_logging_rank():
+            rewards = {(r.group, r.uid - r.group * ro.samples_per_prompt): r.reward for r in responses}
+            record_round(self.run_dir / "rollouts", keys, [self.prompts.token_ids[i] for i in idx], out, rewards,
+                         self.tokenizer.decode)
         return responses, results
 
     def gather_segments(self, pool, version: int) -> tuple[list[Segment], list[Response], int, int]:

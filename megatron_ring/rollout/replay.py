@@ -1,0 +1,65 @@
+"""Recorded rollouts: the RL stage can write every rollout round to RUN_DIR/rollouts/ (one JSONL
+file per round, named by its first prompt's global index), and the `replay` engine serves them
+again, so runs that differ only in their loss (c3po, grpo, token_mean) train on the very same
+rollouts. Replay checks that it is asked for the same prompts it recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, RolloutParams
+
+
+def round_path(root: str | os.PathLike, first_key: int) -> Path:
+    return Path(root) / f"round_{first_key:09d}.jsonl"
+
+
+def record_round(root, keys: list[int], prompts: list[list[int]], completions: list[list[Completion]],
+                 rewards: dict[tuple[int, int], float], decode) -> Path:
+    """One line per (prompt, sample), written atomically."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for key, prompt, group in zip(keys, prompts, completions):
+        for s, c in enumerate(group):
+            lines.append(json.dumps({"key": key, "sample": s, "prompt_ids": prompt, "tokens": c.tokens,
+                                     "logprobs": c.logprobs, "finish_reason": c.finish_reason,
+                                     "reward": rewards.get((key, s)), "text": decode(c.tokens)}))
+    path = round_path(root, keys[0])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class ReplayEngine(RolloutEngine):
+    def __init__(self, root):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise RolloutError(f"rollout.replay_dir: {self.root} is not a directory of recorded rollouts")
+
+    def generate(self, prompts, n, params: RolloutParams, keys=None):
+        if keys is None:
+            raise RolloutError("replay needs the prompts' global keys to find their round")
+        path = round_path(self.root, keys[0])
+        if not path.is_file():
+            raise RolloutError(f"{path}: no recorded round starts at prompt {keys[0]} (record more steps)")
+        out: dict[int, dict[int, Completion]] = {}
+        for ln, line in enumerate(path.read_text().splitlines(), 1):
+            d = json.loads(line)
+            i = keys.index(d["key"]) if d["key"] in keys else -1
+            if i < 0 or d["prompt_ids"] != prompts[i]:
+                raise RolloutError(f"{path}:{ln}: recorded for other prompts (key {d['key']}); replay needs the "
+                                   "same data, rollout.seed and rollout.prompts_per_step")
+            out.setdefault(d["key"], {})[d["sample"]] = Completion(d["tokens"], d["logprobs"], d["finish_reason"])
+        if any(len(out.get(k, {})) != n for k in keys):
+            raise RolloutError(f"{path}: recorded with another samples_per_prompt than {n}")
+        return [[out[k][s] for s in range(n)] for k in keys]
+
+    def push_weights(self, model, version: int) -> None:
+        pass  # the recorded samples stay what they were
+
+    def health(self) -> bool:
+        return self.root.is_dir()
