@@ -83,7 +83,8 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
     tmp = run_dir / "selection.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, run_dir / "selection.json")
-    plot_series(rows, ["entropy", "accuracy", "accuracy_math", "response_len_mean"],
+    plot_series(rows, ["entropy", "accuracy", "accuracy_math", "accuracy_code", "accuracy_science",
+                       "response_len_mean"],
                 run_dir / "plots" / "select.png", f"select: {run_dir}", x="epoch")
     if as_json:
         print(json.dumps({"chosen": report["chosen"], "checkpoints": [
@@ -100,13 +101,13 @@ def verdict(run_dir: str | Path) -> tuple[int, str | None]:
 
 
 def table(rows: list[dict], chosen: Candidate | None, s) -> str:
-    head = f"{'checkpoint':<16}{'epoch':>7}{'step':>7}{'entropy':>9}{'accuracy':>10}{'math':>7}{'science':>9}{'len':>7}"
+    head = f"{'checkpoint':<16}{'epoch':>7}{'step':>7}{'entropy':>9}{'accuracy':>10}{'math':>7}{'code':>7}{'science':>9}{'len':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "  <- chosen" if chosen and r["path"] == chosen.path else ""
         fmt = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         lines.append(f"{Path(r['path']).name:<16}{r['epoch']:>7.2f}{r['step']:>7d}{r['entropy']:>9.3f}"
-                     f"{r['accuracy']:>10.3f}{fmt('accuracy_math'):>7}{fmt('accuracy_science'):>9}"
+                     f"{r['accuracy']:>10.3f}{fmt('accuracy_math'):>7}{fmt('accuracy_code'):>7}{fmt('accuracy_science'):>9}"
                      f"{r['response_len_mean']:>7.1f}{mark}")
     rule = f"rule: entropy in [{s.entropy_low}, {s.entropy_high}]; ties -> highest accuracy, then later step"
     lines.append(rule)
