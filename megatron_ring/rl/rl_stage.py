@@ -206,6 +206,12 @@ class RLStage:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> dict:
+        try:
+            return self._loop()
+        finally:
+            self.engine.close()  # a server this stage started must not outlive it, even on an error
+
+    def _loop(self) -> dict:
         from megatron_ring.rewards.reward_pool import RewardPool
 
         recipe, t = self.recipe, self.recipe.train
@@ -239,10 +245,8 @@ class RLStage:
         plot = log.close(PLOT_KEYS)
         if plot is not None:
             log.message(f"rl: metrics in {self.run_dir / 'metrics.jsonl'}, plot {plot}")
-        self.engine.close()
         distributed.shutdown()
         return record
-
 
 def run(recipe, run_dir) -> dict:
     return RLStage(recipe, run_dir).run()
