@@ -66,7 +66,7 @@ def run_pipeline(path: str, run_dir: str | None, overrides: list[str]) -> int:
 
 
 def _summary(st, d: Path) -> dict:
-    records = [r for r in read_metrics(d / "metrics.jsonl")]
+    records = read_metrics(d / "metrics.jsonl")
     evals = [r for r in records if "eval_accuracy" in r]
     out = {"stage": st.name, "steps": max((r["step"] for r in records), default=0), "last": records[-1] if records else {}}
     if evals:

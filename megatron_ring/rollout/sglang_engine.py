@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_ring.platform.distributed import free_port
 from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, RolloutParams
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
@@ -47,12 +48,6 @@ def from_rank0(fn):
     if kind == "error":
         raise RolloutError(value)
     return value
-
-
-def _free_port_here() -> int:
-    from megatron_ring.platform.distributed import free_port
-
-    return free_port()
 
 
 def _master_address(engine) -> str:
@@ -108,8 +103,6 @@ class SGLangEngine(RolloutEngine):
                ready_timeout_s: float = 600.0, client_options: dict | None = None,
                **kwargs) -> "SGLangEngine":
         """Start a server on model_path from rank 0 (log: run_dir/sglang_server.log); collective."""
-        from megatron_ring.platform.distributed import free_port
-
         server = None
 
         def start():
@@ -143,7 +136,7 @@ class SGLangEngine(RolloutEngine):
             engine.weight_mode = "distributed"
             if _rank() == 0:
                 engine.broadcaster = WeightBroadcaster(
-                    engine.client, _master_address(engine), _free_port_here(),
+                    engine.client, _master_address(engine), free_port(),
                     server_world_size=_server_tp(engine, ro.server_args),
                     backend="nccl" if torch.cuda.is_available() else "gloo")
         return engine
