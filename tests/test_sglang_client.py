@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_ring.platform.distributed import free_port
-from megatron_ring.rollout.base import RolloutError, RolloutParams
+from megatron_ring.rollout.base import RolloutError, SamplingParams
 from megatron_ring.rollout.sglang_client import SGLangClient, parse_generate, sampling_seed
 from megatron_ring.rollout.sglang_engine import SGLangEngine
 from megatron_ring.rollout.sglang_server import launch
@@ -48,7 +48,7 @@ def reference_logprobs(sd, config, prompt, tokens, temperature):
 def assert_served(client, weights, temperature=1.0, seed=0):
     """Samples of the server have the logprobs of `weights` (config, state dict)."""
     config, sd = weights
-    params = RolloutParams(max_new_tokens=5, temperature=temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=5, temperature=temperature, seed=seed)
     out = client.generate(PROMPTS, 2, params, keys=[10, 11, 12])
     for prompt, samples in zip(PROMPTS, out):
         for c in samples:
@@ -89,7 +89,7 @@ def test_generate_fields_shapes_and_logprobs(served, tiny_arch):
 def test_greedy_and_stop_tokens(served):
     client = served["client"]
     config, sd = served["weights"]
-    greedy = RolloutParams(max_new_tokens=6, temperature=0.0)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
     c = client.generate([PROMPTS[0]], 1, greedy)[0][0]
     seq = list(PROMPTS[0])
     for _ in range(6):  # the reference's own greedy continuation
@@ -104,12 +104,12 @@ def test_greedy_and_stop_tokens(served):
 def test_push_weights_from_disk(served, tiny_arch, tmp_path):
     client = served["client"]
     new = write_random_hf(tmp_path / "step5", tiny_arch, seed=2)
-    before = client.generate(PROMPTS, 1, RolloutParams(max_new_tokens=3), keys=[0, 1, 2])
+    before = client.generate(PROMPTS, 1, SamplingParams(max_new_tokens=3), keys=[0, 1, 2])
     push_from_disk(client, new, version=5)
     served["weights"] = read_hf(new)
     assert client.model_info()["weight_version"] == "5"
     after = assert_served(client, served["weights"])
-    assert before != client.generate(PROMPTS, 1, RolloutParams(max_new_tokens=3), keys=[0, 1, 2])
+    assert before != client.generate(PROMPTS, 1, SamplingParams(max_new_tokens=3), keys=[0, 1, 2])
     assert after
 
 
@@ -164,7 +164,7 @@ def test_bad_disk_path_is_refused_and_server_survives(served, tmp_path):
 def test_engine_generate_single_process(served, tmp_path):
     engine = SGLangEngine.connect(served["server"].url, weights_dir=tmp_path / "rollout_weights")
     assert engine.health()
-    out = engine.generate(PROMPTS, 2, RolloutParams(max_new_tokens=5), keys=[10, 11, 12])
+    out = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=5), keys=[10, 11, 12])
     assert out == assert_served(served["client"], served["weights"])
 
 
@@ -175,10 +175,10 @@ def test_dead_server_raises_naming_the_url(tiny_hf, tmp_path):
     server.stop()
     assert not client.health()
     with pytest.raises(RolloutError, match=rf"POST {server.url}/generate failed after 3 attempt\(s\): cannot connect"):
-        client.generate(PROMPTS, 1, RolloutParams(max_new_tokens=2))
+        client.generate(PROMPTS, 1, SamplingParams(max_new_tokens=2))
     engine = SGLangEngine(client, weights_dir=tmp_path / "w")
     with pytest.raises(RolloutError, match=server.url):
-        engine.generate(PROMPTS, 1, RolloutParams(max_new_tokens=2))
+        engine.generate(PROMPTS, 1, SamplingParams(max_new_tokens=2))
 
 
 def test_server_that_cannot_start_reports_its_log(tmp_path):
@@ -256,7 +256,7 @@ class FakeServer:
 
 
 def test_http_answers_retried_refused_or_malformed():
-    params = RolloutParams(max_new_tokens=2)
+    params = SamplingParams(max_new_tokens=2)
     cases = [  # (script, expected error or None, calls)
         ([(503, "starting"), (200, [good(), good()])], None, 2),  # 5xx is retried
         ([(500, {"error": {"message": "boom"}})], r"failed after 3 attempt\(s\): HTTP 500.*boom", 3),
@@ -302,7 +302,7 @@ def test_live_sglang_server(tiny_hf, tiny_arch, tmp_path):
     try:
         client = SGLangClient(server.url)
         weights = read_hf(tiny_hf)
-        greedy = RolloutParams(max_new_tokens=4, temperature=0.0)
+        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
         for weights_now in (weights, None):
             if weights_now is None:  # now push new weights from disk
                 new = write_random_hf(tmp_path / "step1", tiny_arch, seed=5)
@@ -356,7 +356,7 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
     rank = dist.get_rank()
     arch = HFReader(disk_hf).arch
     model = build_model(arch, layout.validate(arch))
-    params = RolloutParams(max_new_tokens=4, seed=3)
+    params = SamplingParams(max_new_tokens=4, seed=3)
     result = {}
 
     def samples(engine):

@@ -22,14 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ring.models.lm_loss import full_logits
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+from megatron_ring.rollout.base import SamplingParams
 
 
 @dataclass
@@ -140,7 +133,9 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
 def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingParams, eos_id: int,
              batch_size: int = 64) -> list[Sample]:
     """Sample one response per prompt on this rank (keys: a global id per prompt for its seed).
-    Collective over all ranks; ranks in one TP group must pass the same prompts."""
+    Collective over all ranks; ranks in one TP group must pass the same prompts. The model's
+    training mode is restored afterwards."""
+    was_training = model.training
     model.eval()
     out = [Sample() for _ in prompts]
     tp = ps.get_tensor_model_parallel_world_size()
@@ -153,4 +148,5 @@ def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingP
             _cached_batch(model, b, params)
         else:
             _recompute_batch(model, b, params, tp)
+    model.train(was_training)
     return out

@@ -8,15 +8,12 @@ import torch.distributed as dist
 from megatron_ring.rl.responses import Response
 
 
-def score(pool, responses: list[Response], rows: dict[int, object], decode) -> list[dict]:
-    """Sets .reward on every response; returns the pool's per-response results (rank 0's)."""
-    results = None
+def score(pool, responses: list[Response], rows: dict[int, object], decode) -> list:
+    """Sets .reward on every response; returns the pool's RewardResult per response."""
+    box = [None]
     if dist.get_rank() == 0:
-        items = [(r.domain, decode(r.tokens), rows[r.uid].row) for r in responses]
-        results = [{"reward": float(x.reward), "timed_out": bool(x.timed_out), "error": x.error}
-                   for x in pool.score(items)]
-    box = [results]
+        box[0] = pool.score([(r.domain, decode(r.tokens), rows[r.uid].row) for r in responses])
     dist.broadcast_object_list(box, src=0)
     for r, res in zip(responses, box[0]):
-        r.reward = res["reward"]
+        r.reward = res.reward
     return box[0]

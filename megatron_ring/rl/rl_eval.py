@@ -4,9 +4,9 @@ after the last, so a stage's effect is read off its own metrics."""
 
 from __future__ import annotations
 
-from megatron_ring.data.rl_prompts import read_rl_prompts
-from megatron_ring.inference.sampling import SamplingParams
 from megatron_ring.recipe.schema import expand
+from megatron_ring.rl.prompt_stream import read_prompts
+from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.selection.evaluate import evaluate
 
 
@@ -16,9 +16,7 @@ class Evaluator:
         self.tokenizer, self.run_dir = tokenizer, run_dir
         self.prompts = []
         if e.prompts:
-            self.prompts, _ = read_rl_prompts(expand(e.prompts, run_dir))
-            if recipe.data.domains:
-                self.prompts = [p for p in self.prompts if p.domain in recipe.data.domains]
+            self.prompts = read_prompts([expand(e.prompts, run_dir)], recipe.data.domains, "fail")
             if e.max_prompts:
                 self.prompts = self.prompts[:e.max_prompts]
 
@@ -30,7 +28,6 @@ class Evaluator:
         if not self.prompts:
             return {}
         e = self.settings
-        params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed)
-        result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, params, e.batch_size, self.run_dir)
-        model.train()
+        result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, SamplingParams.of(e),
+                          e.batch_size, self.run_dir)
         return {f"eval_{k}": v for k, v in result.items()}

@@ -24,7 +24,7 @@ from megatron_ring.rl.prompt_stream import PromptStream, read_prompts
 from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.rl.rl_eval import Evaluator
 from megatron_ring.rl.token_budget import fill_buckets, tokens_of
-from megatron_ring.rollout.base import RolloutParams
+from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.rollout.replay import record_round
 from megatron_ring.train import checkpoint, stage_setup
 from megatron_ring.train.engine import build_optimizer, build_scheduler, wrap_ddp
@@ -112,7 +112,7 @@ class RLStage:
         first = self.state.prompt_cursor
         idx = self.prompts.take(first, ro.prompts_per_step)
         self.state.prompt_cursor += ro.prompts_per_step
-        params = RolloutParams(ro.max_new_tokens, ro.temperature, ro.top_p, ro.seed)
+        params = SamplingParams.of(ro)
         keys = list(range(first, first + len(idx)))
         out = self.engine.generate([self.prompts.token_ids[i] for i in idx], ro.samples_per_prompt, params, keys)
         responses, rows = [], {}
@@ -140,7 +140,7 @@ class RLStage:
         fresh, rounds, timeouts = [], 0, 0
         while (rounds == 0 and r.loss_mode != "c3po") or (tokens_of(segments) < need and rounds < self.recipe.rollout.max_rounds):
             responses, results = self.rollout_round(pool, version)
-            timeouts += sum(x["timed_out"] for x in results)
+            timeouts += sum(x.timed_out for x in results)
             rounds += 1
             stds = group_advantages(responses)  # on full groups, before anything is cut or dropped
             fresh += responses

@@ -16,11 +16,18 @@ class RolloutError(RuntimeError):
 
 
 @dataclass
-class RolloutParams:
+class SamplingParams:
+    """How every engine (and held-out evaluation) samples."""
+
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # with a per-sample key, makes every sample reproducible
+
+    @classmethod
+    def of(cls, section) -> "SamplingParams":
+        """From a recipe section that has these four keys (rollout, select, eval)."""
+        return cls(section.max_new_tokens, section.temperature, section.top_p, section.seed)
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Completion:
 class RolloutEngine:
     """Base class; collective methods are called on every rank of the trainer."""
 
-    def generate(self, prompts: list[list[int]], n: int, params: RolloutParams,
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  keys: list[int] | None = None) -> list[list[Completion]]:
         """n completions for each prompt (keys: a global id per prompt, for seeding)."""
         raise NotImplementedError

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_ring.inference.sampling import SamplingParams, generate
-from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutParams
+from megatron_ring.inference.sampling import generate
+from megatron_ring.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 class EmbeddedEngine(RolloutEngine):
@@ -18,17 +18,14 @@ class EmbeddedEngine(RolloutEngine):
         self.eos_id = eos_id
         self.batch_size = batch_size
 
-    def generate(self, prompts, n, params: RolloutParams, keys=None):
+    def generate(self, prompts, n, params: SamplingParams, keys=None):
         keys = list(range(len(prompts))) if keys is None else keys
         pairs = [(p, s) for p in range(len(prompts)) for s in range(n)]
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = pairs[rank::dp]
-        sp = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                            top_p=params.top_p, seed=params.seed)
         # A sample's seed key: its prompt's key and its index, so it is the same at any layout.
-        samples = generate(self.model, [prompts[p] for p, _ in mine], [keys[p] * n + s for p, s in mine], sp,
+        samples = generate(self.model, [prompts[p] for p, _ in mine], [keys[p] * n + s for p, s in mine], params,
                            self.eos_id, self.batch_size)
-        self.model.train()
         local = [(p, s, Completion(x.tokens, x.logprobs, x.finish_reason)) for (p, s), x in zip(mine, samples)]
         gathered = [None] * dp
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())

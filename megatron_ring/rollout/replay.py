@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, RolloutParams
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
 
 
 def round_path(root: str | os.PathLike, first_key: int) -> Path:
@@ -40,7 +40,7 @@ class ReplayEngine(RolloutEngine):
         if not self.root.is_dir():
             raise RolloutError(f"rollout.replay_dir: {self.root} is not a directory of recorded rollouts")
 
-    def generate(self, prompts, n, params: RolloutParams, keys=None):
+    def generate(self, prompts, n, params: SamplingParams, keys=None):
         if keys is None:
             raise RolloutError("replay needs the prompts' global keys to find their round")
         path = round_path(self.root, keys[0])

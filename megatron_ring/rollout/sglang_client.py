@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from numbers import Real
 
-from megatron_ring.rollout.base import Completion, RolloutError, RolloutParams
+from megatron_ring.rollout.base import Completion, RolloutError, SamplingParams
 
 FINISH_TYPES = ("stop", "length", "abort")
 
@@ -105,7 +105,7 @@ class SGLangClient:
     def model_info(self) -> dict:
         return self.request("GET", "/model_info")
 
-    def generate(self, prompts: list[list[int]], n: int, params: RolloutParams,
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  keys: list[int] | None = None, stop_token_ids: list[int] | None = None
                  ) -> list[list[Completion]]:
         """n completions per prompt. With keys, sample j of prompt i is seeded by

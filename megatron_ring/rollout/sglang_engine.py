@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ring.platform.distributed import free_port
-from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, RolloutParams
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
 from megatron_ring.rollout.weight_sync import WeightBroadcaster, hf_named_tensors, push_from_disk
@@ -141,7 +141,7 @@ class SGLangEngine(RolloutEngine):
                     backend="nccl" if torch.cuda.is_available() else "gloo")
         return engine
 
-    def generate(self, prompts: list[list[int]], n: int, params: RolloutParams,
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  keys: list[int] | None = None) -> list[list[Completion]]:
         """Rank 0's prompts are sent; every rank gets their completions (pass the same prompts)."""
         return from_rank0(lambda: self.client.generate(prompts, n, params, keys, self.stop_token_ids))

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ring.data.rl_prompts import PromptRow
-from megatron_ring.inference.sampling import SamplingParams, generate
+from megatron_ring.inference.sampling import generate
+from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.rewards.code_sandbox import configure_sandbox
 from megatron_ring.rewards.reward_pool import REWARD_FNS
 

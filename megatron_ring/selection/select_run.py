@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from megatron_ring.data.rl_prompts import read_rl_prompts
-from megatron_ring.inference.sampling import SamplingParams
 from megatron_ring.models.builder import build_model
 from megatron_ring.platform import distributed
 from megatron_ring.recipe.schema import check_layout, expand
+from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.selection.entropy_rule import Candidate, NoCheckpointInRange, choose
 from megatron_ring.selection.evaluate import evaluate
 from megatron_ring.train import checkpoint, stage_setup
@@ -46,7 +46,7 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
     prompts, _ = read_rl_prompts(expand(s.prompts, run_dir))
     if s.max_prompts:
         prompts = prompts[:s.max_prompts]
-    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    params = SamplingParams.of(s)
     model = build_model(arch, layout, params_dtype=stage_setup.params_dtype(recipe))
     cache = run_dir / "selection" / _settings_key(dataclasses.replace(s, entropy_low=0.0, entropy_high=1.0))
     rank0 = stage_setup.is_logging_rank()
