@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RECIPES := $(wildcard recipes/tiny/*.yaml recipes/ling_lite/*.yaml)
 # CUDA machines keep their own torch; everywhere else pin the local CPU build.
 EXTRAS := $(shell nvidia-smi >/dev/null 2>&1 && echo test || echo cpu,test)
 
-.PHONY: install demo test clean
+.PHONY: install demo recipes submit docker test clean
 
 install: $(STAMP)
 
@@ -16,13 +17,23 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# The tiny distillation (4 epochs, TP1/EP2 on 2 gloo processes), then the entropy selection.
+# The whole tiny recipe on CPU: distill (TP1/EP2 on 2 gloo processes) -> select by entropy ->
+# RL math -> RL code + science, then the report and runs/demo/plots/pipeline.png.
 demo: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring distill recipes/tiny/distill.yaml --run-dir runs/demo
-	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring select runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/megatron-ring run recipes/tiny/pipeline.yaml --run-dir runs/demo
+
+# Every recipe as SLURM batch scripts under build/slurm/ (each checked with bash -n).
+recipes: install
+	$(VENV)/bin/megatron-ring slurm $(RECIPES) --out build/slurm
+	for f in $$(find build/slurm -name '*.sbatch' -o -name submit.sh); do bash -n $$f || exit 1; done
+
+# make submit RECIPE=recipes/ling_lite/pipeline.yaml [ARGS="key=value ... --run-dir DIR"]
+submit: install
+	@test -n "$(RECIPE)" || { echo "usage: make submit RECIPE=recipes/... [ARGS=...]"; exit 2; }
+	$(VENV)/bin/megatron-ring slurm $(RECIPE) $(ARGS) --out build/slurm --submit
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs build .pytest_cache

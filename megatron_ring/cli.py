@@ -94,6 +94,7 @@ def _stage_command(args, stage: str, module: str) -> int:
     """distill and rl: check the recipe, print it (--dry-run) or start the processes, and run."""
     from megatron_ring.recipe import RecipeError, dump, load_recipe
     from megatron_ring.recipe.schema import check_layout, describe_layout
+    from megatron_ring.train import preemption
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage != stage:
@@ -102,13 +103,16 @@ def _stage_command(args, stage: str, module: str) -> int:
         layout = check_layout(recipe)
         print(dump(recipe) + "# layout: " + describe_layout(recipe, layout))
         return 0
+    run_dir = args.run_dir or os.path.join("runs", recipe.name)
     if "LOCAL_RANK" not in os.environ:
         nproc = _recipe_world(recipe)
         check_layout(recipe, nproc)
+        if "SLURM_JOB_ID" not in os.environ:  # under SLURM the batch script owns the request
+            preemption.request_path(run_dir).unlink(missing_ok=True)
         return _relaunch(args, nproc)
     import importlib
 
-    importlib.import_module(module).run(recipe, args.run_dir or os.path.join("runs", recipe.name))
+    importlib.import_module(module).run(recipe, run_dir)
     return 0
 
 
@@ -151,6 +155,20 @@ def cmd_select(args) -> int:
     return code
 
 
+def cmd_slurm(args) -> int:
+    from megatron_ring.launch import render
+
+    paths = [a for a in args.recipes if "=" not in a]
+    sets = [a for a in args.recipes if "=" in a]
+    if args.submit:
+        if len(paths) != 1:
+            raise ValueError(f"--submit takes one recipe, got {paths}")
+        return render.submit(paths[0], sets, args.run_dir, args.out)
+    for path in paths:
+        print(render.write(path, sets, args.run_dir, args.out))
+    return 0
+
+
 def main(argv=None) -> int:
     from megatron_ring.platform.known_warnings import quiet_known_warnings
 
@@ -189,6 +207,13 @@ def main(argv=None) -> int:
     rn.add_argument("--run-dir", default=None, help="pipeline directory (default runs/<pipeline name>)")
     rn.set_defaults(func=cmd_run)
 
+    sl = sub.add_parser("slurm", help="render recipes into SLURM batch scripts (build/slurm/), or --submit one")
+    sl.add_argument("recipes", nargs="+", help="recipe files, then key.path=value overrides")
+    sl.add_argument("--out", default="build/slurm", help="where the scripts go")
+    sl.add_argument("--run-dir", default=None, help="the run (pipeline) directory (default runs/<recipe name>)")
+    sl.add_argument("--submit", action="store_true", help="sbatch it (a pipeline: its chain of jobs)")
+    sl.set_defaults(func=cmd_slurm)
+
     se = sub.add_parser("select", help="choose the distillation checkpoint that starts RL, by entropy")
     se.add_argument("run_dir", help="a distillation run directory")
     se.add_argument("overrides", nargs="*", help="key.path=value overrides of the run's recipe (select.*)")
@@ -200,8 +225,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = p.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops a positional list there).
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
+    listed = "overrides" if hasattr(args, "overrides") else "recipes" if hasattr(args, "recipes") else None
+    if extra and listed and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, listed, [*getattr(args, listed), *extra])
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv

@@ -53,7 +53,8 @@ def test_pipeline_chains_the_stages(pipeline):
     chosen = json.loads((root / "distill" / "selection.json").read_text())["chosen"]
     assert chosen and chosen.startswith(str(root / "distill" / "checkpoints"))
     s1 = (root / "rl_stage1_math" / "recipe.yaml").read_text()
-    assert f"init: {chosen}" in s1
+    assert f"init: {root / 'distill' / 'selection.json'}" in s1  # resolved to `chosen` when it starts
+    assert f"resumed" not in out and f"init {chosen}" in out
     s2 = (root / "rl_stage2_code_science" / "recipe.yaml").read_text()
     assert f"init: {root / 'rl_stage1_math' / 'checkpoints' / 'iter_0000002'}" in s2
     report = json.loads((root / "pipeline.json").read_text())

@@ -28,6 +28,7 @@ class RolloutSection:
     record: bool = False  # write every rollout round to RUN_DIR/rollouts/ (token ids, text, reward)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
     weight_sync: Literal["disk", "distributed"] = "disk"  # distributed: NCCL broadcast (gloo on CPU)
+    ready_timeout_s: float = 1800.0  # how long a server may take to load its model and answer /health
     prompts_per_step: int = 512
     samples_per_prompt: int = 16  # K, the GRPO group size
     max_new_tokens: int = 24576
@@ -120,6 +121,8 @@ class RLRecipe:
             raise ValueError("rollout.url: only for rollout.engine=sglang")
         if (self.rollout.engine == "replay") != bool(self.rollout.replay_dir):
             raise ValueError("rollout.replay_dir: set it exactly when rollout.engine=replay")
+        if self.cluster.sglang == "dedicated" and self.rollout.engine != "sglang":
+            raise ValueError("cluster.sglang: dedicated SGLang nodes need rollout.engine=sglang")
 
     def describe_batch(self, layout) -> str:
         r, ro = self.rl, self.rollout

@@ -5,6 +5,7 @@ them. Checks that need only the recipe live here; checks that need the process c
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,13 +45,37 @@ class ParallelSection:
     ep: int = 1
 
 
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # MM, HH:MM:SS, D-HH[:MM[:SS]]
+
+
 @dataclass
 class ClusterSection:
+    """Where the recipe runs: processes per node here, the SLURM job for `make recipes`."""
+
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (gloo processes on CPU)
+    accelerator: Literal["gpu", "cpu"] = "gpu"  # cpu: no GPUs are requested from SLURM (tiny recipes)
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = None  # SLURM --time (e.g. 2-00:00:00); None: the partition's limit
+    container_image: str | None = None  # run every task in this image through pyxis (--container-image)
+    container_mounts: list[str] = field(default_factory=list)  # SRC:DST[:FLAGS], e.g. /data:/data
+    sglang: Literal["colocated", "dedicated"] = "colocated"  # RL rollout servers: on the trainer's GPUs, or own nodes
+    sglang_nodes: int = 0  # dedicated: nodes of the SGLang server, added to the job
+    requeue: bool = True  # preempted or near the time limit: checkpoint, then requeue the job
+    signal_before_s: int = 300  # SLURM warns the job this long before its time limit
+    sbatch_args: list[str] = field(default_factory=list)  # anything else for #SBATCH (e.g. --qos=high)
 
     def __post_init__(self):
-        _positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node)
+        _positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s)
+        if (self.sglang == "dedicated") != (self.sglang_nodes > 0):
+            raise ValueError(f"sglang_nodes: {self.sglang_nodes} with sglang: {self.sglang}; dedicated "
+                             "servers need sglang_nodes > 0, co-located ones none")
+        if self.time_limit is not None and not _SLURM_TIME.match(self.time_limit):
+            raise ValueError(f"time_limit: {self.time_limit!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+        bad = [m for m in self.container_mounts if len(m.split(":")) not in (2, 3)]
+        if bad:
+            raise ValueError(f"container_mounts: {bad} are not SRC:DST[:FLAGS]")
 
     @property
     def world_size(self) -> int:
@@ -142,6 +167,10 @@ class DistillRecipe:
     train: TrainSection = field(default_factory=TrainSection)
     select: SelectSection = field(default_factory=SelectSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        if self.cluster.sglang != "colocated":
+            raise ValueError("cluster.sglang: dedicated SGLang nodes serve RL rollouts; a distill recipe has none")
 
 
 def schemas() -> dict:

@@ -26,7 +26,7 @@ from megatron_ring.rl.rl_eval import Evaluator
 from megatron_ring.rl.token_budget import fill_buckets, tokens_of
 from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.rollout.replay import record_round
-from megatron_ring.train import checkpoint, stage_setup
+from megatron_ring.train import checkpoint, preemption, stage_setup
 from megatron_ring.train.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ring.train.run_log import RunLog
 
@@ -220,7 +220,8 @@ class RLStage:
                      wandb_project=recipe.logging.wandb_project, config=dataclasses.asdict(recipe),
                      progress=recipe.logging.progress, active=stage_setup.is_logging_rank())
         log.message(f"rl ({recipe.name}): {len(self.prompts.rows)} prompts, {self.recipe.describe_batch(self.layout)}"
-                    + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
+                    + (f"; resumed from {self.resumed_from}" if self.resumed_from else
+                       f"; init {stage_setup.resolve_init(expand(recipe.model.init, self.run_dir))}" if recipe.model.init else ""))
         # A server given by URL (or restarted with a resumed run) serves other weights until told.
         self.engine.push_weights(self.model, start)
         if start == 0:
@@ -240,8 +241,12 @@ class RLStage:
                 if self.evaluator.due(step, t.steps):
                     record.update(self.evaluator.run(self.model))
                 log.log(record, show=("reward_mean", "tokens_in_loss"))
-                if step == t.steps or (t.save_every_steps and step % t.save_every_steps == 0):
+                stop = step < t.steps and preemption.requested(self.run_dir)
+                if stop or step == t.steps or (t.save_every_steps and step % t.save_every_steps == 0):
                     self.save(step)
+                if stop:
+                    log.message(f"rl: stopped for requeue after step {step} (checkpoint saved)")
+                    break
         plot = log.close(PLOT_KEYS)
         if plot is not None:
             log.message(f"rl: metrics in {self.run_dir / 'metrics.jsonl'}, plot {plot}")

@@ -102,6 +102,15 @@ class SGLangClient:
             return False
         return status == 200
 
+    def wait_healthy(self, timeout_s: float, poll_s: float = 2.0) -> None:
+        """Until /health answers 200: a server started beside the trainer (a dedicated SLURM
+        node) may still be loading its model when the trainer starts."""
+        deadline = time.monotonic() + timeout_s
+        while not self.health(timeout_s=min(5.0, timeout_s)):
+            if time.monotonic() > deadline:
+                raise RolloutError(f"{self.url}: not healthy after {timeout_s:g} s (rollout.ready_timeout_s)")
+            time.sleep(poll_s)
+
     def model_info(self) -> dict:
         return self.request("GET", "/model_info")
 

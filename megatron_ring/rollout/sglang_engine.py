@@ -125,13 +125,15 @@ class SGLangEngine(RolloutEngine):
         kwargs = {"weights_dir": weights_dir, "stop_token_ids": [tokenizer.eos_id]}
         if ro.url:
             engine = cls.connect(ro.url, **kwargs)
+            from_rank0(lambda: engine.client.wait_healthy(ro.ready_timeout_s))
         else:
             from megatron_ring.models.weights import export_hf
 
             if _rank() == 0 and weights_dir.exists():
                 shutil.rmtree(weights_dir)
             export_hf(model, weights_dir, torch.bfloat16)
-            engine = cls.launch(weights_dir, run_dir, extra_args=ro.server_args, **kwargs)
+            engine = cls.launch(weights_dir, run_dir, extra_args=ro.server_args,
+                                ready_timeout_s=ro.ready_timeout_s, **kwargs)
         if ro.weight_sync == "distributed":
             engine.weight_mode = "distributed"
             if _rank() == 0:

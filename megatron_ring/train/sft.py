@@ -20,7 +20,7 @@ from megatron_ring.models.spec import te_by_default
 from megatron_ring.platform import distributed
 from megatron_ring.recipe import RecipeError
 from megatron_ring.recipe.schema import check_layout
-from megatron_ring.train import checkpoint, stage_setup
+from megatron_ring.train import checkpoint, preemption, stage_setup
 from megatron_ring.train.engine import Batch, build_optimizer, build_scheduler, train_step, wrap_ddp
 from megatron_ring.train.run_log import RunLog
 from megatron_ring.train.sft_data import Schedule, load_rows, rank_share
@@ -102,8 +102,13 @@ def run(recipe, run_dir: str | Path) -> dict:
                   "tokens": out["tokens"], "tokens_total": real_tokens,
                   "tokens_per_s": round(real_tokens / elapsed, 1), "step_time_s": round(elapsed, 4)}
         log.log(record)
-        if schedule.is_epoch_end(step) or (t.save_every_steps and step % t.save_every_steps == 0):
+        due = schedule.is_epoch_end(step) or (t.save_every_steps and step % t.save_every_steps == 0)
+        stop = step < schedule.total_steps and preemption.requested(run_dir)
+        if due or stop:
             save(step)
+        if stop:
+            log.message(f"distill: stopped for requeue after step {step} (checkpoint saved)")
+            break
     plot = log.close(PLOT_KEYS)
     if plot is not None:
         log.message(f"distill: metrics in {run_dir / 'metrics.jsonl'}, plot {plot}")

@@ -4,6 +4,7 @@ generated when the recipe asks for it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,6 +66,19 @@ def params_dtype(recipe) -> torch.dtype:
     return torch.bfloat16 if want == "bf16" else torch.float32
 
 
+def resolve_init(source: str) -> str:
+    """model.init may name a distillation run's selection.json: the checkpoint `select` chose
+    (how a pipeline's first RL stage, rendered before the choice exists, finds it)."""
+    if Path(source).name != "selection.json":
+        return source
+    if not Path(source).is_file():
+        raise RecipeError(f"model.init: {source} does not exist (run `megatron-ring select` on that run first)")
+    chosen = json.loads(Path(source).read_text()).get("chosen")
+    if not chosen:
+        raise RecipeError(f"model.init: {source} names no chosen checkpoint")
+    return chosen
+
+
 def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
     """The model of the recipe, with the weights of model.init (HF directory or checkpoint).
     The source is checked either way; its weights are read only when load_init (a resumed run
@@ -74,7 +88,7 @@ def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
     from megatron_ring.train import checkpoint
 
     arch = recipe.model.arch()
-    source = expand(recipe.model.init, run_dir) if recipe.model.init else None
+    source = resolve_init(expand(recipe.model.init, run_dir)) if recipe.model.init else None
     reader = None
     if source:
         if (Path(source) / "config.json").is_file():

@@ -1,0 +1,66 @@
+"""`megatron-ring slurm`: recipe files -> batch scripts under build/slurm/ (`make recipes`),
+and `--submit` (`make submit RECIPE=...`): sbatch the script, or a pipeline's chain of jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from megatron_ring.launch.slurm_job import JobSpec, render, submit_chain
+from megatron_ring.recipe import RecipeError, load_recipe
+from megatron_ring.recipe.schema import check_layout
+
+
+def _job(name: str, recipe_path: str, sets: list[str], run_dir, argv: list[str]) -> JobSpec:
+    recipe = load_recipe(recipe_path, sets)
+    check_layout(recipe)  # the layout at the recipe's own cluster size
+    return JobSpec(name, recipe, str(run_dir), argv, os.getcwd())
+
+
+def jobs(recipe_path: str, overrides: list[str], run_dir: str | None) -> list[tuple[str, JobSpec]]:
+    """(file stem, job) of a recipe: one job for a stage recipe, one per stage for a pipeline."""
+    if load_recipe(recipe_path).stage != "pipeline":
+        recipe = load_recipe(recipe_path, overrides)
+        run_dir = run_dir or str(Path("runs") / recipe.name)
+        argv = [recipe.stage, recipe_path, *overrides, "--run-dir", run_dir]
+        return [(Path(recipe_path).stem, _job(recipe.name, recipe_path, overrides, run_dir, argv))]
+    from megatron_ring.rl.pipeline import stage_runs
+
+    pipe, _, runs = stage_runs(recipe_path, run_dir, overrides)
+    return [(f"{i:02d}-{st.name}", _job(f"{pipe.name}-{st.name}", st.recipe, st.sets, st.run_dir, st.argv))
+            for i, st in enumerate(runs, 1)]
+
+
+def write(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str) -> Path:
+    """Render into out_root/<recipe folder>/ (a pipeline: a folder of its own with submit.sh);
+    returns what submits it."""
+    specs = jobs(recipe_path, overrides, run_dir)
+    folder = Path(out_root) / Path(recipe_path).resolve().parent.name
+    pipeline = load_recipe(recipe_path).stage == "pipeline"
+    if pipeline:
+        folder = folder / Path(recipe_path).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, spec in specs:
+        paths.append(folder / f"{stem}.sbatch")
+        paths[-1].write_text(render(spec))
+        paths[-1].chmod(0o755)
+    if not pipeline:
+        return paths[0]
+    chain = folder / "submit.sh"
+    chain.write_text(submit_chain([p.resolve() for p in paths], os.getcwd()))
+    chain.chmod(0o755)
+    return chain
+
+
+def submit(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str) -> int:
+    """Render, create the log directories SLURM writes into, and submit."""
+    script = write(recipe_path, overrides, run_dir, out_root)
+    for _, spec in jobs(recipe_path, overrides, run_dir):
+        Path(spec.run_dir, "logs").mkdir(parents=True, exist_ok=True)
+    argv = ["bash", str(script)] if script.name == "submit.sh" else ["sbatch", str(script)]
+    try:
+        return subprocess.run(argv).returncode
+    except FileNotFoundError:
+        raise RecipeError(f"{argv[0]}: not found; submit from a SLURM login node ({script} is rendered)") from None

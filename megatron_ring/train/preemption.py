@@ -1,0 +1,37 @@
+"""Stop for requeue: checkpoint at the end of the current step, then exit.
+
+The SLURM batch script traps the warning signal (SLURM sends it `cluster.signal_before_s`
+before the time limit, or an admin with `scancel --signal=USR1 --batch`) and writes
+RUN_DIR/preempt.request; the script requeues the job once the stage has exited. A file rather
+than a signal to the trainers, because torchrun, srun and a container each stand between the
+batch shell and the Python processes, and SIGUSR1 kills torchrun. Every rank reads the file on
+the shared file system, and the decision is all-reduced, so all ranks stop after the same step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REQUEST = "preempt.request"
+
+
+def request_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / REQUEST
+
+
+def requested(run_dir: str | Path) -> bool:
+    """Collective: True on every rank when any rank sees the request."""
+    flag = torch.tensor([float(request_path(run_dir).exists())])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stopped_early(run_dir: str | Path) -> bool:
+    """After a stage returned: did it stop for a requeue rather than finish?"""
+    return request_path(run_dir).exists()
