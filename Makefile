@@ -11,7 +11,7 @@ EXTRAS := $(shell nvidia-smi >/dev/null 2>&1 && echo test || echo cpu,test)
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py megatron_ring/versions.py
 	command -v bwrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
@@ -31,6 +31,11 @@ recipes: install
 submit: install
 	@test -n "$(RECIPE)" || { echo "usage: make submit RECIPE=recipes/... [ARGS=...]"; exit 2; }
 	$(VENV)/bin/megatron-ring slurm $(RECIPE) $(ARGS) --out build/slurm --submit
+
+# The GPU image (docker/Dockerfile): its base tag and every pin come from megatron_ring/versions.py.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' megatron_ring/__init__.py)
+docker:
+	docker build --build-arg NGC_TAG=$$($(PYTHON) megatron_ring/versions.py ngc-tag) -f docker/Dockerfile -t megatron-ring:$(VERSION) .
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

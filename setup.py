@@ -1,9 +1,14 @@
+import os
+import runpy
+
 from setuptools import find_packages, setup
 
-# torch is pinned to the version whose CPU build the development machines carry locally; any
-# other torch spec pulls a multi-GB CUDA build. GPU images bring their own torch (docker/).
+# Every pin lives in megatron_ring/versions.py, which docker/Dockerfile reads too. It is run by
+# path: importing the package would import dependencies that are not installed yet.
+PINS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_ring", "versions.py"))
+
 CORE = [
-    "megatron-core==0.16.1",
+    PINS["MEGATRON_CORE"],
     "pyyaml",
     "wandb",
     "safetensors",
@@ -25,9 +30,9 @@ setup(
     packages=find_packages(include=["megatron_ring", "megatron_ring.*"]),
     install_requires=CORE,
     extras_require={
-        # triton on CPU runs the fused loss kernels in its interpreter (TRITON_INTERPRET=1) in tests.
-        "cpu": ["torch==2.13.0", "triton==3.6.0"],
-        "gpu": ["transformer-engine[pytorch]", "sglang"],
+        # the CPU torch (and triton) of development machines and CI; GPU images bring their own
+        "cpu": PINS["CPU_EXTRA"],
+        "gpu": PINS["GPU_EXTRA"],
         "test": ["pytest"],
     },
     entry_points={"console_scripts": ["megatron-ring=megatron_ring.cli:main"]},

@@ -234,3 +234,83 @@ def test_tensor_parallel_gloo_equals_single_process(tmp_path):
         assert_matches(got, want)
         assert got["logp_spread"] == 0, name
         assert got["dw"][true_vocab:].abs().max() == 0, name
+
+
+# On a CUDA GPU (skipped without one): the compiled Triton kernels, and the torch path, against the
+# fp64 reference. "tiled" has a hidden size, a vocabulary and chunks that are no multiple of the
+# GPU blocks (64 tokens, 128 vocabulary rows, 64 hidden), several forward splits (> 8192 rows) and
+# padding rows; its old log-probs keep every ratio >= 0.07 in log space from a clip bound, so that
+# bf16 rounding cannot flip a token's clip branch (which would change its gradient outright).
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+CUDA_SHAPES = {  # name -> (make_case arguments, chunk_tokens, chunk_vocab)
+    "small": (dict(tokens=24, hidden=32, true_vocab=TRUE_V, padded_vocab=320), None, None),
+    "tiled": (dict(tokens=300, hidden=96, true_vocab=20000, padded_vocab=20032), 100, 3000),
+}
+DEVICE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+
+
+def device_case(shape: str, dtype, seed: int = 7):
+    args, _, _ = CUDA_SHAPES[shape]
+    case = make_case(seed=seed, dtype=dtype, **args)
+    tv = args["true_vocab"]
+    with torch.no_grad():  # log-probs of the inputs as they are (after the cast to dtype)
+        z = case["hidden"].double() @ case["weight"][:tv].double().T / KNOBS["temperature"]
+        logp = z.log_softmax(-1).gather(1, case["targets"][:, None])[:, 0]
+    g = torch.Generator().manual_seed(seed)
+    n = logp.shape[0]
+    log_ratio = torch.tensor([-0.5, -0.1, 0.1, 0.5])[torch.randint(0, 4, (n,), generator=g)]
+    log_ratio += 0.1 * torch.rand(n, generator=g) - 0.05
+    case["old_logp"] = (logp - log_ratio).float()
+    return case, tv
+
+
+def run_fused_on(case, true_vocab: int, device, impl: str, **kw):
+    """fused_c3po_loss and logprob_entropy on `device`; the results come back to the CPU."""
+    c = {k: v.to(device) for k, v in case.items()}
+    hidden = c["hidden"].clone().requires_grad_(True)
+    weight = c["weight"].clone().requires_grad_(True)
+    out = fused_c3po_loss(hidden, weight, c["targets"], c["advantages"], c["loss_mask"], c["old_logp"],
+                          c["ref_logp"], true_vocab_size=true_vocab, impl=impl, **KNOBS, **kw)
+    out.loss.backward()
+    fwd_logp, fwd_entropy = logprob_entropy(hidden, weight, c["targets"], temperature=KNOBS["temperature"],
+                                            true_vocab_size=true_vocab, loss_mask=c["loss_mask"],
+                                            impl=impl, **kw)
+    got = dict(loss=out.loss.detach(), logp=out.logp, entropy=out.entropy, ratio=out.ratio, kl=out.kl,
+               clip_low=out.clip_low_frac, clip_high=out.clip_high_frac, dh=hidden.grad, dw=weight.grad,
+               fwd_logp=fwd_logp, fwd_entropy=fwd_entropy)
+    return {k: v.cpu() for k, v in got.items()}
+
+
+def check_on_device(shape: str, dtype, impl: str, device):
+    case, tv = device_case(shape, dtype)
+    _, chunk_tokens, chunk_vocab = CUDA_SHAPES[shape]
+    want = case_reference(case, true_vocab=tv)
+    got = run_fused_on(case, tv, device, impl, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    assert got["dh"].dtype == dtype and got["dw"].dtype == dtype
+    tol = DEVICE_TOL[dtype]
+    assert_matches(got, want, **tol)
+    for k in ("logp", "entropy"):  # the forward-only pass gives what the loss's forward gave
+        torch.testing.assert_close(got[f"fwd_{k}"].double(), want[k], **tol, msg=lambda m: f"fwd_{k}: {m}")
+    assert want["clip_low"] > 0 and want["clip_high"] > 0 and want["kl"].abs().max() > 1e-3
+    assert got["dw"][tv:].abs().max() == 0  # padding rows: no gradient
+    assert got["dh"][case["loss_mask"] == 0].abs().max() == 0
+    return got, want
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", sorted(CUDA_SHAPES))
+def test_cuda_matches_reference(shape, dtype, impl):
+    if impl == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable")
+    check_on_device(shape, dtype, impl, "cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_cuda_auto_is_triton():
+    case, tv = device_case("small", torch.bfloat16)
+    auto = run_fused_on(case, tv, "cuda", "auto")
+    triton = run_fused_on(case, tv, "cuda", "triton")
+    for k in ("loss", "dh", "dw"):
+        assert torch.equal(auto[k], triton[k]), k

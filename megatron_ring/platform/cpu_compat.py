@@ -15,7 +15,9 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-PINNED_MEGATRON_CORE = "0.16.1"
+from megatron_ring.versions import MEGATRON_CORE, version_of
+
+PINNED_MEGATRON_CORE = version_of(MEGATRON_CORE)
 
 _applied = False
 
