@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ring.models.lm_loss import full_logits
+from megatron_ring.platform.distributed import device
 from megatron_ring.rollout.base import SamplingParams
 
 
@@ -44,13 +45,14 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generat
         drop = sp.cumsum(-1) - sp >= params.top_p
         keep = torch.zeros_like(p).scatter(-1, order, sp.masked_fill(drop, 0.0))
     # Exponential race (Gumbel-max): argmax p/E with E ~ Exp(1) samples from p.
-    u = torch.stack([torch.rand(p.shape[-1], generator=g) for g in gens])
+    u = torch.stack([torch.rand(p.shape[-1], generator=g) for g in gens]).to(p.device)  # CPU generators: seeded per row
     token = (keep / -torch.log1p(-u)).argmax(-1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
+    # Python lists: one device-to-host copy per step, not one per token.
+    return token.tolist(), logp.gather(-1, token[:, None]).squeeze(-1).tolist(), entropy.tolist()
 
 
 def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -88,11 +90,12 @@ def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int) -> None:
         for r, s in enumerate(rows):
             ids[r, :len(s)] = torch.tensor(s)
         pos = torch.arange(width).expand(len(rows), width)
-        logits = full_logits(model(ids, pos, None), model.arch.vocab_size)
+        logits = full_logits(model(ids.to(device()), pos.to(device()), None), model.arch.vocab_size)
         if not b.active:
             continue
-        last = torch.tensor([len(s) - 1 for s in rows])
-        token, logp, ent = _pick(logits[torch.arange(len(rows)), last], params, [b.gens[i] for i in b.active])
+        last = torch.tensor([len(s) - 1 for s in rows], device=logits.device)
+        rows_idx = torch.arange(len(rows), device=logits.device)
+        token, logp, ent = _pick(logits[rows_idx, last], params, [b.gens[i] for i in b.active])
         b.active = [i for r, i in enumerate(b.active) if b.record(i, int(token[r]), float(logp[r]), float(ent[r]))]
 
 
@@ -112,7 +115,8 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
         if rows and ctx.sequence_len_offset < end:
             t0 = ctx.sequence_len_offset
             pos = torch.arange(t0, t0 + ids.shape[1]).expand(ids.shape[0], -1)
-            logits = model(ids, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1, :vocab]
+            logits = model(ids.to(device()), pos.to(device()), None, inference_context=ctx,
+                           runtime_gather_output=True)[:, -1, :vocab]
             ctx.sequence_len_offset += ids.shape[1]
             ctx.enable_decode_mode()
             t = ctx.sequence_len_offset  # the position whose token these logits predict
@@ -124,7 +128,8 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
                         b.active.remove(rows[r])
             ids = torch.tensor([[b.seqs[i][t] if t < len(b.seqs[i]) else b.eos_id] for i in rows], dtype=torch.long)
         else:  # nothing left here: keep the other ranks' collectives company
-            model(torch.full((1, 1), b.eos_id, dtype=torch.long), torch.zeros((1, 1), dtype=torch.long), None)
+            model(torch.full((1, 1), b.eos_id, dtype=torch.long, device=device()),
+                  torch.zeros((1, 1), dtype=torch.long, device=device()), None)
         if not _any_rank(bool(b.active) and ctx.sequence_len_offset < end):
             return
 

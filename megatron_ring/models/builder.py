@@ -148,6 +148,12 @@ def build_model(
     meta_device: bool = False,
 ) -> LingModel:
     """Build the local shard of the model. Model-parallel state must be initialised first."""
+    from megatron.core.transformer.moe import moe_utils
+
+    # Without transformer-engine (CPU, or a GPU machine without it) 0.16.1 never binds this name,
+    # and its router reads it; None is what the router checks for.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     if use_te is None:
         use_te = te_by_default()
     config = transformer_config(
@@ -158,6 +164,8 @@ def build_model(
     ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
     with ctx:
         model = LingModel(arch, config, ling_block_spec(arch, use_te=use_te), vocab)
+    if torch.cuda.is_available() and not meta_device:
+        model.cuda(torch.cuda.current_device())  # as Megatron's get_model: any layer built on the CPU
     _mark_expert_params(model)
     return model
 

@@ -159,10 +159,6 @@ def _patch_megatron():
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    # Without transformer-engine this name is never bound; the router checks it against None.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
     # token_dispatcher imported the function by name, so patch both places.
     moe_utils.maybe_move_tensor_to_cpu = _gloo_split_sizes
     token_dispatcher.maybe_move_tensor_to_cpu = _gloo_split_sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -46,6 +47,19 @@ def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
+
+
+def device() -> torch.device:
+    """Where this rank computes: its GPU (NCCL), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(batch):
+    """A dataclass of tensors on device(): batches are built on the CPU, from Python lists."""
+    dev = device()
+    moved = {f.name: getattr(batch, f.name).to(dev) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **moved)
 
 
 def shutdown():

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ring.platform.distributed import device
 from megatron_ring.ops import fused_c3po_loss, logprob_entropy
 from megatron_ring.rl.rl_batch import RLBatch
 
@@ -113,7 +114,7 @@ def _forward_step(cfg: LossConfig, global_tokens: int, data_iterator, model):
 def forward_backward(ddp, batches: list[RLBatch], cfg: LossConfig) -> dict:
     """Gradients of the RL loss over this rank's micro-batches; returns the step's metrics,
     summed over the data-parallel group."""
-    local = torch.tensor([b.loss_tokens for b in batches], dtype=torch.long).sum()
+    local = torch.tensor([b.loss_tokens for b in batches], dtype=torch.long, device=device()).sum()
     dist.all_reduce(local, group=ps.get_data_parallel_group())
     global_tokens = int(local)
     if global_tokens == 0:

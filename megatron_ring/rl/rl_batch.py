@@ -23,7 +23,7 @@ class RLBatch:
 
     def positions(self) -> torch.Tensor:
         b, s = self.input_ids.shape
-        return torch.arange(s).unsqueeze(0).expand(b, s)
+        return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
 
     @property
     def loss_tokens(self) -> int:

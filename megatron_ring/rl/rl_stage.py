@@ -160,8 +160,8 @@ class RLStage:
         r, tok = self.recipe.rl, self.tokenizer
         selected = [s for b in buckets for s in b]
         mine = rank_balance.plan(buckets, self.dp, self.recipe.train.micro_batch)[self.dp_rank]
-        batches = [rl_batch.build(mb, tok.pad_id, self.layout.tp, per_response_norm=r.loss_mode == "grpo")
-                   for mb in mine]
+        batches = [distributed.to_device(rl_batch.build(mb, tok.pad_id, self.layout.tp,
+                                                        per_response_norm=r.loss_mode == "grpo")) for mb in mine]
         temp = self.recipe.rollout.temperature
         for b, old in zip(batches, policy_loss.token_logprobs(self.ddp, batches, temp)):
             b.old_logp = old

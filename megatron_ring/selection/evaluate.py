@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_ring.platform.distributed import device
 from megatron_ring.data.rl_prompts import PromptRow
 from megatron_ring.inference.sampling import generate
 from megatron_ring.rollout.base import SamplingParams
@@ -37,7 +38,7 @@ def evaluate(model, tokenizer, prompts: list[PromptRow], samples_per_prompt: int
         sums[f"{row.domain}_n"] += 1  # the same verifiers as the RL rewards (code: the sandbox)
         sums[f"{row.domain}_correct"] += REWARD_FNS[row.domain](tokenizer.decode(sample.tokens), row.row)
     names = ["entropy", "tokens", "responses"] + [f"{d}_{k}" for d in domains for k in ("n", "correct")]
-    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+    totals = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device())
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     t = dict(zip(names, totals.tolist()))
     scored = sum(t[f"{d}_n"] for d in domains)

@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ring.models.lm_loss import token_entropy, token_nll
+from megatron_ring.platform.distributed import to_device
 
 
 @dataclass
@@ -88,7 +89,7 @@ def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
 
 
 def _forward_step(true_vocab: int, data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     logits = model(batch.input_ids, batch.positions(), batch.attention_mask)
     return logits, partial(_loss_func, batch, true_vocab)
 

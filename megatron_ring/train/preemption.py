@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_ring.platform.distributed import device
+
 REQUEST = "preempt.request"
 
 
@@ -24,10 +26,8 @@ def request_path(run_dir: str | Path) -> Path:
 
 def requested(run_dir: str | Path) -> bool:
     """Collective: True on every rank when any rank sees the request."""
-    flag = torch.tensor([float(request_path(run_dir).exists())])
+    flag = torch.tensor([float(request_path(run_dir).exists())], device=device())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
