@@ -91,3 +91,13 @@ def test_dedicated_server_and_a_url_are_refused_at_render(tmp_path, capsys, monk
     monkeypatch.chdir(ROOT)
     assert main(["slurm", str(LING_RL), "rollout.url=http://x:1", "--out", str(tmp_path)]) == 2
     assert "rollout.url: http://x:1 with cluster.sglang=dedicated" in capsys.readouterr().err
+
+
+def test_without_requeue_there_is_no_trap(tmp_path, monkeypatch):
+    from megatron_ring.launch import render
+
+    monkeypatch.chdir(ROOT)
+    text = render.write("recipes/tiny/distill.yaml", ["cluster.requeue=false"], str(tmp_path / "run"),
+                        str(tmp_path)).read_text()
+    assert "--requeue" not in text and "--signal" not in text and "trap '" not in text
+    assert "scontrol requeue" not in text and f"--run-dir {tmp_path / 'run'}'" in text

@@ -91,6 +91,14 @@ def _sglang_lines(job: JobSpec) -> tuple[list[str], list[str]]:
     return start, stop
 
 
+_TRAP = [
+    "# SLURM's warning (--signal) or `scancel --signal=USR1 --batch`: the stage checkpoints",
+    "# after its current step and exits; then the job is requeued and resumes from there.",
+    "preempted=0",
+    "trap 'preempted=1; echo \"== preemption signal: checkpoint, then requeue\"; touch \"$RUN_DIR/preempt.request\"' USR1",
+]
+
+
 def render(job: JobSpec) -> str:
     c = job.recipe.cluster
     sglang_start, sglang_stop = _sglang_lines(job)
@@ -115,20 +123,17 @@ def render(job: JobSpec) -> str:
         "# torchrun's rendezvous: the job's first node, a port derived from the job id.",
         'export MASTER_ADDR=${nodes[0]} MASTER_PORT=$((29500 + SLURM_JOB_ID % 2000))',
         *sglang_start,
-        "preempted=0",
-        "# SLURM's warning (--signal) or `scancel --signal=USR1 --batch`: the stage checkpoints",
-        "# after its current step and exits; then the job is requeued and resumes from there.",
-        "trap 'preempted=1; echo \"== preemption signal: checkpoint, then requeue\"; touch \"$RUN_DIR/preempt.request\"' USR1",
+        *(_TRAP if c.requeue else []),
         f"{_srun(job, c.nodes, '$RUN_DIR/logs/%x-%j-node%n.out')} --nodelist=\"{train_nodes}\" \\",
         f"    bash -c {shlex.quote(task)} &",
         "pid=$!",
         "while :; do",
         '    wait "$pid"; rc=$?',
-        '    kill -0 "$pid" 2>/dev/null || break  # still running: the trap interrupted wait',
+        '    kill -0 "$pid" 2>/dev/null || break  # still running: a signal interrupted wait',
         "done",
         *sglang_stop,
     ]
-    if c.requeue:
+    if c.requeue:  # preempted is set only by the trap
         lines += ['if [ "$preempted" = 1 ]; then',
                   '    echo "== $(date -u +%FT%TZ) stage stopped with code $rc; requeueing job $SLURM_JOB_ID"',
                   '    scontrol requeue "$SLURM_JOB_ID"',
