@@ -181,6 +181,15 @@ def test_dead_server_raises_naming_the_url(tiny_hf, tmp_path):
         engine.generate(PROMPTS, 1, SamplingParams(max_new_tokens=2))
 
 
+def test_waiting_for_a_server_given_by_url(served):
+    """A dedicated server may still be loading when the trainer starts: the wait returns once
+    /health answers, and gives up naming the URL and the recipe key."""
+    served["client"].wait_healthy(5.0)
+    silent = SGLangClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RolloutError, match=r"127\.0\.0\.1:\d+: not healthy after 0\.3 s \(rollout\.ready_timeout_s\)"):
+        silent.wait_healthy(0.3, poll_s=0.05)
+
+
 def test_server_that_cannot_start_reports_its_log(tmp_path):
     with pytest.raises(RolloutError, match=r"(?s)exited with code 1 .*no config.json"):
         launch(tmp_path / "nothing", tmp_path / "log", free_port(), command=TEST_SERVER, ready_timeout_s=60)
@@ -369,7 +378,7 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
 
     from types import SimpleNamespace
 
-    recipe = SimpleNamespace(rollout=SimpleNamespace(url=url, weight_sync="distributed", server_args=[]))
+    recipe = SimpleNamespace(rollout=SimpleNamespace(url=url, weight_sync="distributed", server_args=[], ready_timeout_s=30.0))
     engine = SGLangEngine.from_recipe(recipe, model, SimpleNamespace(eos_id=arch.eos_token_id), out)
     assert engine.weight_mode == "distributed" and (engine.broadcaster is not None) == (rank == 0)
     load_hf(model, HFReader(bcast_hf))
