@@ -165,7 +165,7 @@ def cmd_slurm(args) -> int:
             raise ValueError(f"--submit takes one recipe, got {paths}")
         return render.submit(paths[0], sets, args.run_dir, args.out)
     for path in paths:
-        print(render.write(path, sets, args.run_dir, args.out))
+        print(render.write(path, sets, args.run_dir, args.out)[0])
     return 0
 
 

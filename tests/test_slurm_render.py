@@ -98,6 +98,6 @@ def test_without_requeue_there_is_no_trap(tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     text = render.write("recipes/tiny/distill.yaml", ["cluster.requeue=false"], str(tmp_path / "run"),
-                        str(tmp_path)).read_text()
+                        str(tmp_path))[0].read_text()
     assert "--requeue" not in text and "--signal" not in text and "trap '" not in text
     assert "scontrol requeue" not in text and f"--run-dir {tmp_path / 'run'}'" in text

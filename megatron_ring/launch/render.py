@@ -32,32 +32,32 @@ def jobs(recipe_path: str, overrides: list[str], run_dir: str | None) -> list[tu
             for i, st in enumerate(runs, 1)]
 
 
-def write(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str) -> Path:
+def write(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str
+          ) -> tuple[Path, list[JobSpec]]:
     """Render into out_root/<recipe folder>/ (a pipeline: a folder of its own with submit.sh);
-    returns what submits it."""
+    returns what submits it, and the jobs."""
     specs = jobs(recipe_path, overrides, run_dir)
     folder = Path(out_root) / Path(recipe_path).resolve().parent.name
     pipeline = load_recipe(recipe_path).stage == "pipeline"
     if pipeline:
         folder = folder / Path(recipe_path).stem
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for stem, spec in specs:
-        paths.append(folder / f"{stem}.sbatch")
-        paths[-1].write_text(render(spec))
-        paths[-1].chmod(0o755)
-    if not pipeline:
-        return paths[0]
-    chain = folder / "submit.sh"
-    chain.write_text(submit_chain([p.resolve() for p in paths], os.getcwd()))
-    chain.chmod(0o755)
-    return chain
+    paths = [folder / f"{stem}.sbatch" for stem, _ in specs]
+    for path, (_, spec) in zip(paths, specs):
+        path.write_text(render(spec))
+        path.chmod(0o755)
+    script = paths[0]
+    if pipeline:
+        script = folder / "submit.sh"
+        script.write_text(submit_chain([p.resolve() for p in paths], os.getcwd()))
+        script.chmod(0o755)
+    return script, [spec for _, spec in specs]
 
 
 def submit(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str) -> int:
     """Render, create the log directories SLURM writes into, and submit."""
-    script = write(recipe_path, overrides, run_dir, out_root)
-    for _, spec in jobs(recipe_path, overrides, run_dir):
+    script, specs = write(recipe_path, overrides, run_dir, out_root)
+    for spec in specs:
         Path(spec.run_dir, "logs").mkdir(parents=True, exist_ok=True)
     argv = ["bash", str(script)] if script.name == "submit.sh" else ["sbatch", str(script)]
     try:
