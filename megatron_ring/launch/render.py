@@ -12,33 +12,32 @@ from megatron_ring.recipe import RecipeError, load_recipe
 from megatron_ring.recipe.schema import check_layout
 
 
-def _job(name: str, recipe_path: str, sets: list[str], run_dir, argv: list[str]) -> JobSpec:
-    recipe = load_recipe(recipe_path, sets)
+def _job(name: str, recipe, run_dir, argv: list[str]) -> JobSpec:
     check_layout(recipe)  # the layout at the recipe's own cluster size
     return JobSpec(name, recipe, str(run_dir), argv, os.getcwd())
 
 
-def jobs(recipe_path: str, overrides: list[str], run_dir: str | None) -> list[tuple[str, JobSpec]]:
-    """(file stem, job) of a recipe: one job for a stage recipe, one per stage for a pipeline."""
+def jobs(recipe_path: str, overrides: list[str], run_dir: str | None) -> tuple[bool, list[tuple[str, JobSpec]]]:
+    """Whether it is a pipeline, and (file stem, job) of each job: one for a stage recipe, one
+    per stage for a pipeline."""
     if load_recipe(recipe_path).stage != "pipeline":
         recipe = load_recipe(recipe_path, overrides)
         run_dir = run_dir or str(Path("runs") / recipe.name)
         argv = [recipe.stage, recipe_path, *overrides, "--run-dir", run_dir]
-        return [(Path(recipe_path).stem, _job(recipe.name, recipe_path, overrides, run_dir, argv))]
+        return False, [(Path(recipe_path).stem, _job(recipe.name, recipe, run_dir, argv))]
     from megatron_ring.rl.pipeline import stage_runs
 
     pipe, _, runs = stage_runs(recipe_path, run_dir, overrides)
-    return [(f"{i:02d}-{st.name}", _job(f"{pipe.name}-{st.name}", st.recipe, st.sets, st.run_dir, st.argv))
-            for i, st in enumerate(runs, 1)]
+    return True, [(f"{i:02d}-{st.name}", _job(f"{pipe.name}-{st.name}", load_recipe(st.recipe, st.sets), st.run_dir,
+                                              st.argv)) for i, st in enumerate(runs, 1)]
 
 
 def write(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str
           ) -> tuple[Path, list[JobSpec]]:
     """Render into out_root/<recipe folder>/ (a pipeline: a folder of its own with submit.sh);
     returns what submits it, and the jobs."""
-    specs = jobs(recipe_path, overrides, run_dir)
+    pipeline, specs = jobs(recipe_path, overrides, run_dir)
     folder = Path(out_root) / Path(recipe_path).resolve().parent.name
-    pipeline = load_recipe(recipe_path).stage == "pipeline"
     if pipeline:
         folder = folder / Path(recipe_path).stem
     folder.mkdir(parents=True, exist_ok=True)

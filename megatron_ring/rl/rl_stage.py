@@ -241,11 +241,8 @@ class RLStage:
                 if self.evaluator.due(step, t.steps):
                     record.update(self.evaluator.run(self.model))
                 log.log(record, show=("reward_mean", "tokens_in_loss"))
-                stop = step < t.steps and preemption.requested(self.run_dir)
-                if stop or step == t.steps or (t.save_every_steps and step % t.save_every_steps == 0):
-                    self.save(step)
-                if stop:
-                    log.message(f"rl: stopped for requeue after step {step} (checkpoint saved)")
+                due = step == t.steps or bool(t.save_every_steps and step % t.save_every_steps == 0)
+                if preemption.save_or_stop(self.run_dir, step, t.steps, due, self.save, log, "rl"):
                     break
         plot = log.close(PLOT_KEYS)
         if plot is not None:

@@ -32,6 +32,17 @@ def requested(run_dir: str | Path) -> bool:
     return bool(flag.item())
 
 
+def save_or_stop(run_dir: str | Path, step: int, total: int, due: bool, save, log, stage: str) -> bool:
+    """Collective, after every step: save when due or when a requeue is requested (the last
+    step needs no request: the stage ends anyway); True when the stage must stop here."""
+    stop = step < total and requested(run_dir)
+    if due or stop:
+        save(step)
+    if stop:
+        log.message(f"{stage}: stopped for requeue after step {step} (checkpoint saved)")
+    return stop
+
+
 def stopped_early(run_dir: str | Path) -> bool:
     """After a stage returned: did it stop for a requeue rather than finish?"""
     return request_path(run_dir).exists()

@@ -102,12 +102,8 @@ def run(recipe, run_dir: str | Path) -> dict:
                   "tokens": out["tokens"], "tokens_total": real_tokens,
                   "tokens_per_s": round(real_tokens / elapsed, 1), "step_time_s": round(elapsed, 4)}
         log.log(record)
-        due = schedule.is_epoch_end(step) or (t.save_every_steps and step % t.save_every_steps == 0)
-        stop = step < schedule.total_steps and preemption.requested(run_dir)
-        if due or stop:
-            save(step)
-        if stop:
-            log.message(f"distill: stopped for requeue after step {step} (checkpoint saved)")
+        due = schedule.is_epoch_end(step) or bool(t.save_every_steps and step % t.save_every_steps == 0)
+        if preemption.save_or_stop(run_dir, step, schedule.total_steps, due, save, log, "distill"):
             break
     plot = log.close(PLOT_KEYS)
     if plot is not None:
