@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from megatron_ring.rewards.choice_reward import score_choice
-from megatron_ring.rewards.code_sandbox import bwrap_path, configure_sandbox, run_tests, score_code
+from megatron_ring.rewards.code_reward import configure_sandbox, run_tests, score_code
+from megatron_ring.rewards.sandbox import bwrap_path
 from megatron_ring.rewards.math_reward import score_math
 
 

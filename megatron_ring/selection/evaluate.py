@@ -14,7 +14,7 @@ from megatron_ring.platform.distributed import device
 from megatron_ring.data.rl_prompts import PromptRow
 from megatron_ring.inference.sampling import generate
 from megatron_ring.rollout.base import SamplingParams
-from megatron_ring.rewards.code_sandbox import configure_sandbox
+from megatron_ring.rewards.code_reward import configure_sandbox
 from megatron_ring.rewards.reward_pool import REWARD_FNS
 
 
