@@ -80,8 +80,18 @@ def _moe(x: torch.Tensor, sd: dict, prefix: str, cfg: dict) -> torch.Tensor:
     return out.view(shape)
 
 
+def norm_head(w: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """BailingMoe's norm_head, written from its definition: lm_head.weight [V, H] divided by
+    (torch.norm(w, p=2, dim=0, keepdim=True) + 1e-7).detach(), i.e. every hidden column by its L2
+    norm over the vocabulary, the norm carrying no gradient. rows=True is the earlier, wrong
+    reading (each vocabulary row normalised), kept so a test can show it is told apart."""
+    if rows:
+        return F.normalize(w, dim=1)
+    return w / (torch.norm(w, p=2, dim=0, keepdim=True) + 1e-7).detach()
+
+
 def hf_forward(state_dict: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor,
-               grad: bool = False) -> torch.Tensor:
+               grad: bool = False, norm_head_rows: bool = False) -> torch.Tensor:
     """input_ids [B, S] int64 -> logits [B, S, vocab_size] in float32. Causal attention, positions 0..S-1 for every row.
     grad: keep the autograd graph (gradient oracles), else no_grad."""
     if config.get("first_k_dense_replace", 0) != 0:
@@ -98,5 +108,5 @@ def hf_forward(state_dict: dict[str, torch.Tensor], config: dict, input_ids: tor
         h = _rms_norm(h, sd["model.norm.weight"], eps)
         w = sd["lm_head.weight"].float()
         if config.get("norm_head", False):
-            w = F.normalize(w, dim=1)
+            w = norm_head(w, rows=norm_head_rows)
         return h @ w.T

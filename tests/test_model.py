@@ -73,3 +73,25 @@ def test_cpu_layer_refuses_another_megatron_version(monkeypatch):
     monkeypatch.setattr(package_info, "__version__", "0.17.0")
     with pytest.raises(RuntimeError, match="written for megatron-core==0.16.1, but megatron-core 0.17.0"):
         cpu_compat._check_version()
+
+
+def test_norm_head_leaves_padded_vocabulary_rows_out(monkeypatch):
+    """Megatron pads the vocabulary (1000 -> 1024 rows for ling-tiny); a randomly initialised model
+    has nonzero padding rows, which must not enter the column norms: the real rows come out as the
+    definition gives them for the true [1000, H] weight, and the gradient skips the norm."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ring.models.builder import norm_head_weight
+    from tests.hf_reference import norm_head
+
+    monkeypatch.setattr(ps, "_MPU_TENSOR_MODEL_PARALLEL_RANK", 0)
+    monkeypatch.setattr(ps, "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", 1)
+    w = torch.randn(1024, 64, dtype=torch.float64)
+    w[1000:] *= 50.0  # padding rows far larger than the rest: counting them would show
+    w.requires_grad_(True)
+    got = norm_head_weight(w, 1000)
+    want = norm_head(w[:1000].detach())
+    torch.testing.assert_close(got[:1000], want, rtol=1e-12, atol=0)
+    g = torch.randn(1024, 64, dtype=torch.float64)
+    (got * g).sum().backward()
+    torch.testing.assert_close(w.grad, g / (w[:1000].detach().norm(dim=0) + 1e-7))

@@ -4,6 +4,7 @@ weights. Aux (1e-2) and z-loss (1e-3) are on, so router-loss scaling is part of 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import run_workers
 from tests.hf_reference import hf_forward
@@ -51,11 +52,35 @@ def test_layout_matches_single_process(tiny_hf, reference, tmp_path, tp, ep):
     assert all(g.abs().sum() > 0 for g in got["grads"].values())
 
 
-def test_norm_head_under_tensor_parallelism(tiny_hf_normhead, tmp_path):
-    out = tmp_path / "nh.pt"
-    run_workers("forward_backward", 2, "--hf", tiny_hf_normhead, "--tp", 2, "--ep", 2, "--out", out)
+@pytest.fixture(scope="module")
+def norm_head_reference(tiny_hf_normhead):
+    """Logits, mean token loss and HF-named gradients of the independent forward with norm_head
+    written from its definition (column norms over the vocabulary, detached)."""
     reader = HFReader(tiny_hf_normhead)
     assert reader.arch.norm_head
-    ids, _, _ = fixed_batch(reader.arch.vocab_size)
-    expected = hf_forward({n: reader.read(n) for n in reader.file_of}, reader.config, ids)
-    assert _rel(torch.load(out)["logits"], expected) < RTOL
+    sd = {n: reader.read(n).float().requires_grad_(True) for n in reader.file_of}
+    ids, labels, mask = fixed_batch(reader.arch.vocab_size)
+    logits = hf_forward(sd, reader.config, ids, grad=True)
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    loss = (nll * mask.flatten()).sum() / mask.sum()
+    loss.backward()
+    rows = hf_forward(sd, reader.config, ids, norm_head_rows=True)
+    return {"logits": logits.detach(), "loss": loss.item(), "grads": {n: t.grad for n, t in sd.items()},
+            "row_logits": rows}
+
+
+@pytest.mark.parametrize("nproc,tp,ep", [(1, 1, 1), (2, 2, 2)], ids=["tp1", "tp2ep2"])
+def test_norm_head_matches_its_definition(tiny_hf_normhead, norm_head_reference, tmp_path, nproc, tp, ep):
+    """Megatron's logits and every gradient (the output weight's included) equal the reference at
+    TP1 and TP2; router losses are off, so the loss is the plain token mean on both sides."""
+    out = tmp_path / "nh.pt"
+    run_workers("forward_backward", nproc, "--hf", tiny_hf_normhead, "--tp", tp, "--ep", ep,
+                "--aux", 0, "--zloss", 0, "--out", out)
+    got, ref = torch.load(out), norm_head_reference
+    assert _rel(got["logits"], ref["logits"]) < RTOL
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert _rel(got["grads"]["lm_head.weight"], ref["grads"]["lm_head.weight"]) < RTOL
+    worst = max(ref["grads"], key=lambda k: _rel(got["grads"][k], ref["grads"][k]))
+    assert _rel(got["grads"][worst], ref["grads"][worst]) < RTOL, worst
+    # The row-wise reading the project once had is far from it: the check tells them apart.
+    assert _rel(ref["row_logits"], ref["logits"]) > 0.1

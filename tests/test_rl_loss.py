@@ -61,25 +61,36 @@ def naive_loss(sd, config, segs):
 
 
 @pytest.fixture(scope="module")
-def naive(tiny_hf):
-    reader = HFReader(tiny_hf)
-    sd = {n: reader.read(n).float().requires_grad_(True) for n in reader.file_of}
-    loss = naive_loss(sd, reader.config, fixed_segments(reader.arch.vocab_size))
-    loss.backward()
-    return loss.item(), {n: t.grad for n, t in sd.items()}
+def naive():
+    """naive(hf_dir) -> (loss, HF-named gradients) of the plain forward, computed once per checkpoint."""
+    done = {}
+
+    def of(hf_dir):
+        if hf_dir not in done:
+            reader = HFReader(hf_dir)
+            sd = {n: reader.read(n).float().requires_grad_(True) for n in reader.file_of}
+            loss = naive_loss(sd, reader.config, fixed_segments(reader.arch.vocab_size))
+            loss.backward()
+            done[hf_dir] = loss.item(), {n: t.grad for n, t in sd.items()}
+        return done[hf_dir]
+    return of
 
 
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("nproc,tp,ep,mb", [(1, 1, 1, 2), (1, 1, 1, 4), (2, 2, 2, 1), (2, 1, 2, 2)],
-                         ids=["1proc-mb2", "1proc-mb4", "tp2ep2", "tp1ep2"])
-def test_rl_loss_matches_plain_autograd(tiny_hf, naive, tmp_path, nproc, tp, ep, mb):
+@pytest.mark.parametrize("nproc,tp,ep,mb,hf", [(1, 1, 1, 2, "tiny_hf"), (1, 1, 1, 4, "tiny_hf"),
+                                                (2, 2, 2, 1, "tiny_hf"), (2, 1, 2, 2, "tiny_hf"),
+                                                (2, 2, 1, 2, "tiny_hf_normhead")],
+                         ids=["1proc-mb2", "1proc-mb4", "tp2ep2", "tp1ep2", "tp2-norm_head"])
+def test_rl_loss_matches_plain_autograd(request, naive, tmp_path, nproc, tp, ep, mb, hf):
+    """norm_head reaches the fused kernel through output_weight(): its case checks that path."""
+    hf_dir = request.getfixturevalue(hf)
     out = tmp_path / "rl.pt"
-    run_workers("rl_loss", nproc, "--hf", tiny_hf, "--tp", tp, "--ep", ep, "--micro-batch", mb, "--out", out)
+    run_workers("rl_loss", nproc, "--hf", hf_dir, "--tp", tp, "--ep", ep, "--micro-batch", mb, "--out", out)
     got = torch.load(out)
-    loss, grads = naive
+    loss, grads = naive(hf_dir)
     segs = fixed_segments(1000)
     assert got["out"]["tokens_in_loss"] == sum(s.n_tokens for s in segs)
     assert got["out"]["loss"] == pytest.approx(loss, rel=1e-4)

@@ -7,7 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -100,14 +100,34 @@ def _router_loss_tp_factor(layout: Layout) -> int:
     return layout.tp
 
 
-class NormHeadLinear(tensor_parallel.ColumnParallelLinear):
-    """Ling's norm_head: logits use the L2-normalised rows of the output weight.
+NORM_HEAD_EPS = 1e-7  # added to the column norm, as the official BailingMoe code does
 
-    Rows are vocabulary entries, so under vocab-parallel TP each rank normalises its own rows.
-    """
+
+def norm_head_weight(weight: torch.Tensor, true_vocab_size: int) -> torch.Tensor:
+    """Ling's norm_head as the official BailingMoe code computes it: every hidden column of the
+    output weight [V, H] divided by (its L2 norm over the whole vocabulary + 1e-7), the norm
+    detached, so the gradient flows only through the numerator. Under vocab-parallel TP each
+    rank holds [V/tp, H]: the column sums of squares are all-reduced over the TP group, and
+    Megatron's padded vocabulary rows (past true_vocab_size) are left out of the norm."""
+    with torch.no_grad():
+        local = weight.shape[0]
+        real = min(local, max(0, true_vocab_size - parallel_state.get_tensor_model_parallel_rank() * local))
+        acc = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights: the norm in fp32
+        squares = torch.linalg.vector_norm(weight[:real], dim=0, dtype=acc).square()
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        norm = squares.sqrt() + NORM_HEAD_EPS
+    return weight / norm.to(weight.dtype)
+
+
+class NormHeadLinear(tensor_parallel.ColumnParallelLinear):
+    """The output layer with norm_head: logits from norm_head_weight(). true_vocab_size is set
+    by LingModel (GPTModel builds the layer with the padded size only)."""
+
+    true_vocab_size: int
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        weight = F.normalize(self.weight if weight is None else weight, dim=1)
+        weight = norm_head_weight(self.weight if weight is None else weight, self.true_vocab_size)
         return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
 
 
@@ -130,11 +150,12 @@ class LingModel(GPTModel):
         if arch.norm_head:
             # GPTModel builds a plain ColumnParallelLinear; NormHeadLinear adds no state.
             self.output_layer.__class__ = NormHeadLinear
+            self.output_layer.true_vocab_size = arch.vocab_size
 
     def output_weight(self) -> torch.Tensor:
         """The local vocab shard of the weight the logits are computed from."""
         w = self.output_layer.weight
-        return F.normalize(w, dim=1) if self.arch.norm_head else w
+        return norm_head_weight(w, self.arch.vocab_size) if self.arch.norm_head else w
 
 
 def build_model(
