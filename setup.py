@@ -33,7 +33,7 @@ setup(
         # the CPU torch (and triton) of development machines and CI; GPU images bring their own
         "cpu": PINS["CPU_EXTRA"],
         "gpu": PINS["GPU_EXTRA"],
-        "test": ["pytest"],
+        "test": PINS["TEST_EXTRA"],
     },
     entry_points={"console_scripts": ["megatron-ring=megatron_ring.cli:main"]},
 )

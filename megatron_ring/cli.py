@@ -8,12 +8,32 @@ import math
 import os
 import sys
 
+if __name__ in ("__main__", "__mp_main__"):  # a torchrun worker, or a child a worker spawned
+    from megatron_ring.platform.parent_death import tie_to_job
 
-def _relaunch(args, nproc: int | None = None) -> int:
-    """Run this same command as torchrun processes (one node) and return its exit code."""
+    tie_to_job()  # dies with its parent: no trainer outlives its launcher
+
+
+def _relaunch(args, nproc: int | None = None, log_root: str | None = None) -> int:
+    """Run this same command as torchrun processes (one node) and return its exit code (2, with
+    the first error line, when a worker fails). Every rank's output goes to
+    LOG_ROOT/<command>-<time>-<pid>/ (without log_root: a temporary directory, kept only when
+    the command fails)."""
+    import shutil
+    import tempfile
+    import time
+
     from megatron_ring.platform.distributed import torchrun
 
-    return torchrun(nproc or _world(args), ["-m", "megatron_ring.cli", *args.argv]).returncode
+    if log_root:
+        log_dir = os.path.join(log_root, f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    else:
+        log_dir = tempfile.mkdtemp(prefix=f"megatron-ring-{args.command}-")
+    code = torchrun(nproc or _world(args), ["-m", "megatron_ring.cli", *args.argv], log_dir=log_dir,
+                    prog=f"megatron-ring {args.command}").returncode
+    if code == 0 and not log_root:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return code
 
 
 def _world(args) -> int:
@@ -50,6 +70,29 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def _export_source(args) -> tuple[str | None, str]:
+    """megatron-to-hf: the directory whose tokenizer, generation config and modeling code the
+    export carries (--source, else the HF directory the checkpoint records) and the dtype
+    (--dtype, else that directory's torch_dtype, else bfloat16). Checked before torchrun."""
+    from pathlib import Path
+
+    from megatron_ring.models.hf_config import source_dtype
+    from megatron_ring.train import checkpoint
+    from megatron_ring.train.init_source import recorded_hf_source
+
+    path = checkpoint.latest(args.src) or args.src
+    checkpoint.saved_arch(path)  # not a checkpoint: said here, with the path
+    if args.source and not Path(args.source).is_dir():
+        raise ValueError(f"--source: {args.source} is not a directory")
+    source = args.source or recorded_hf_source(path)
+    if source and not Path(source).is_dir():
+        if "LOCAL_RANK" not in os.environ:
+            print(f"megatron-ring convert: {path} came from {source}, which is gone: exporting config and "
+                  "weights only (--source DIR adds a tokenizer and modeling code)", file=sys.stderr)
+        source = None
+    return source, args.dtype or source_dtype(source) or "bfloat16"
+
+
 def cmd_convert(args) -> int:
     from megatron_ring.models.hf_checkpoint import HFReader
 
@@ -57,6 +100,8 @@ def cmd_convert(args) -> int:
         reader = HFReader(args.src)  # config errors surface here, before any process starts
         _validate_early(reader.arch, args)
         reader.validate()
+    else:
+        source, dtype = _export_source(args)
     if "LOCAL_RANK" not in os.environ:
         return _relaunch(args)
     import torch
@@ -69,15 +114,19 @@ def cmd_convert(args) -> int:
     if args.direction == "hf-to-megatron":
         model = build_model(reader.arch, layout)
         load_hf(model, reader)
-        path = checkpoint.save(args.dst, 0, model, trainer_state={"source": str(args.src)})
+        # The HF directory is recorded so that an export of this checkpoint (or of a run that
+        # starts from it) carries its tokenizer and modeling code.
+        path = checkpoint.save(args.dst, 0, model, trainer_state={"hf_source": os.path.abspath(args.src)})
+        carried = ""
     else:
         path = checkpoint.latest(args.src) or args.src
         arch = checkpoint.saved_arch(path)
         model = build_model(arch, layout)
         checkpoint.load(path, model)
-        export_hf(model, args.dst, dtype=getattr(torch, args.dtype))
+        export_hf(model, args.dst, dtype=getattr(torch, dtype), source=source)
+        carried = f", {dtype}" + (f", tokenizer and code of {source}" if source else ", no tokenizer (no source known)")
     if int(os.environ["RANK"]) == 0:
-        print(f"wrote {args.dst} ({path})")
+        print(f"wrote {args.dst} ({path}{carried})")
     distributed.shutdown()
     return 0
 
@@ -91,27 +140,43 @@ def _recipe_world(recipe) -> int:
 
 
 def _stage_command(args, stage: str, module: str) -> int:
-    """distill and rl: check the recipe, print it (--dry-run) or start the processes, and run."""
+    """distill and rl: check the recipe and its inputs (data rows, model.init), print it
+    (--dry-run) or start the processes, and run. Every check runs here, before torchrun, so bad
+    input ends the command at once with one message."""
     from megatron_ring.recipe import RecipeError, dump, load_recipe
     from megatron_ring.recipe.schema import check_layout, describe_layout
-    from megatron_ring.train import preemption
+    from megatron_ring.train.input_check import check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage != stage:
         raise RecipeError(f"{args.recipe}: stage: {recipe.stage!r} recipe given to `megatron-ring {stage}`")
+    run_dir = args.run_dir or os.path.join("runs", recipe.name)
     if args.dry_run:
         layout = check_layout(recipe)
-        print(dump(recipe) + "# layout: " + describe_layout(recipe, layout))
+        missing = check_inputs(recipe, run_dir, missing_ok=True)
+        print(dump(recipe) + "# layout: " + describe_layout(recipe, layout)
+              + "".join(f"\n# not found here, so not checked: {m}" for m in missing))
         return 0
-    run_dir = args.run_dir or os.path.join("runs", recipe.name)
     if "LOCAL_RANK" not in os.environ:
+        from megatron_ring.platform import run_lock
+
+        if os.path.isdir(run_dir):  # a run in progress there: said before any check (held below)
+            run_lock.acquire(run_dir)
         nproc = _recipe_world(recipe)
         check_layout(recipe, nproc)
-        if "SLURM_JOB_ID" not in os.environ:  # under SLURM the batch script owns the request
-            preemption.request_path(run_dir).unlink(missing_ok=True)
-        return _relaunch(args, nproc)
+        check_inputs(recipe, run_dir)
+        from megatron_ring.train import checkpoint_dir, preemption  # torch: after the input checks
+
+        with run_lock.held(run_dir):  # a second trainer on this run directory stops here
+            checkpoint_dir.latest(os.path.join(run_dir, "checkpoints"))  # a damaged `latest`: said now
+            if "SLURM_JOB_ID" not in os.environ:  # under SLURM the batch script owns the request
+                preemption.request_path(run_dir).unlink(missing_ok=True)
+            return _relaunch(args, nproc, log_root=os.path.join(run_dir, "logs"))
     import importlib
 
+    from megatron_ring.platform import run_lock
+
+    run_lock.claim_in_worker(run_dir)  # torchrun started directly (SLURM): rank 0 holds the lock
     importlib.import_module(module).run(recipe, run_dir)
     return 0
 
@@ -146,7 +211,7 @@ def cmd_select(args) -> int:
 
     if "LOCAL_RANK" in os.environ:
         return run(recipe, args.run_dir, as_json=args.json)
-    code = _relaunch(args, _recipe_world(recipe))
+    code = _relaunch(args, _recipe_world(recipe), log_root=os.path.join(args.run_dir, "logs"))
     if code:
         return code
     code, reason = verdict(args.run_dir)
@@ -169,6 +234,17 @@ def cmd_slurm(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from megatron_ring.rewards.score_file import score_files
+
+    try:
+        score_files(args.prompts, args.responses, args.workers, args.timeout_s, args.float_tolerance, args.json)
+    except RuntimeError as e:  # no sandbox, or a reward worker that cannot start: a setup problem
+        print(f"megatron-ring score: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     from megatron_ring.platform.known_warnings import quiet_known_warnings
 
@@ -186,8 +262,11 @@ def main(argv=None) -> int:
     cv.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     cv.add_argument("src")
     cv.add_argument("dst")
-    cv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                    help="dtype of exported HF weights")
+    cv.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                    help="dtype of exported HF weights (default: the source's torch_dtype, else bfloat16)")
+    cv.add_argument("--source", default=None,
+                    help="megatron-to-hf: HF (or tokenizer) directory whose tokenizer, generation config and "
+                         "modeling code the export carries (default: the one the checkpoint came from)")
     _layout_args(cv)
     cv.set_defaults(func=cmd_convert)
 
@@ -222,6 +301,16 @@ def main(argv=None) -> int:
     se.add_argument("--json", action="store_true", help="print {chosen, checkpoints} as JSON")
     se.set_defaults(func=cmd_select)
 
+    sc = sub.add_parser("score", help="score a file of responses with the RL rewards (check a data set and its verifiers)")
+    sc.add_argument("prompts", help="RL prompt rows (jsonl, any domain)")
+    sc.add_argument("responses", help='{"response": "..."} rows (jsonl): row i answers prompt row i')
+    sc.add_argument("--json", action="store_true", help="one JSON object per response, then {\"summary\": ...}")
+    sc.add_argument("--workers", type=int, default=2, help="verifier processes (reward.workers)")
+    sc.add_argument("--timeout-s", type=float, default=10.0, help="per math/science response (reward.timeout_s)")
+    sc.add_argument("--float-tolerance", type=float, default=0.0,
+                    help="for floats in function results of rows without their own (reward.float_tolerance)")
+    sc.set_defaults(func=cmd_score)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = p.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops a positional list there).
@@ -231,7 +320,7 @@ def main(argv=None) -> int:
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
-    from megatron_ring.models.hf_checkpoint import CheckpointError
+    from megatron_ring.models.hf_config import CheckpointError  # no torch: input errors end fast
     from megatron_ring.platform.layout import LayoutError
     from megatron_ring.rollout.base import RolloutError
 

@@ -31,7 +31,12 @@ APEX_REF = "575968bc1f9127ccd61003a681472a83af4ff1a1"
 # CUDA of GPU_TORCH: apex refuses to compile with an nvcc whose major.minor differs from torch's.
 NGC_TAG = "25.11"
 
+# Tests only: an HF export is loaded the way a user loads it (AutoModelForCausalLM with its
+# remote code, AutoTokenizer). Not in the image, whose sglang brings its own transformers.
+TEST_TRANSFORMERS = "transformers==5.23.0"
+
 CPU_EXTRA = [CPU_TORCH, CPU_TRITON]
+TEST_EXTRA = ["pytest", TEST_TRANSFORMERS]
 GPU_EXTRA = [TRANSFORMER_ENGINE, SGLANG]
 # What the GPU image installs from PyPI; apex comes from APEX_GIT.
 IMAGE = [MEGATRON_CORE, TRANSFORMER_ENGINE, SGLANG, GPU_TORCH, GPU_TORCHVISION]

@@ -1,8 +1,16 @@
-"""The code reward: programs extracted from responses and judged on their test cases in the sandbox."""
+"""The code reward: programs extracted from responses (in linear time) and judged on their tests in the
+sandbox, in the three forms (stdin/stdout, function calls, unit tests); rows that cannot run refused
+when read."""
 
+import json
+import random
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from megatron_ring.rewards.code_reward import check_code, extract_program, run_tests, score_code
+from megatron_ring.data.rl_prompts import read_rl_prompts
+from megatron_ring.rewards.code_reward import _fenced_blocks, check_code, extract_program, run_tests, score_code
+from megatron_ring.rewards.code_tests import same_value
 from tests.sandbox_fixtures import demo_code_tasks, needs_bwrap
 
 
@@ -57,3 +65,143 @@ def test_function_call_tests():
     assert not missing.all_passed and "no function 'scale'" in missing.error
     unserializable = check_code("```python\ndef scale(xs, k):\n    return {1, 2}\n```", row)
     assert not unserializable.all_passed and "TypeError" in unserializable.error
+
+
+# ---------------------------------------------------------------- extraction in linear time
+
+_OLD_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.S)  # the quadratic original
+
+
+def test_extraction_matches_the_regex_it_replaced():
+    rng = random.Random(0)
+    pieces = ["`", "``", "```", "\n", "python", "py", " ", "\t", "x = 1", "cpp x", "-", "````"]
+    for _ in range(4000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
+        assert list(_fenced_blocks(text)) == _OLD_FENCE.findall(text), repr(text)
+
+
+def test_extraction_is_linear_on_pathological_responses():
+    """The regex took 41.7 s on 100 KB of backticks (5.2 s on 30 KB)."""
+    n = 100_000
+    hostile = {"backticks": "`" * n, "fence, no newline": "```python" + " " * n,
+               "unclosed": "```python\n" + "x" * n, "fence per line": "```\n" * (n // 4),
+               "almost fences": "``\n`" * (n // 4), "many blocks": "```py\nx\n```" * (n // 11),
+               "backticks, newline at the end": "`" * n + "\n"}
+    for name, text in hostile.items():
+        start = time.perf_counter()
+        extract_program(text)
+        assert time.perf_counter() - start < 1.0, name
+
+
+# ---------------------------------------------------------------- unit tests (HumanEval, MBPP)
+
+HUMANEVAL = {"domain": "code", "prompt": "Write add(a, b).", "entry_point": "add",
+             "test": "METADATA = {}\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n"
+                     "    assert candidate(-1, 1) == 0\n"}
+MBPP = {"domain": "code", "prompt": "Write hyp(a, b).", "test_imports": ["import math"],
+        "test_setup_code": "EPS = 1e-9",
+        "test_list": ["assert hyp(3, 4) == 5.0", "assert math.isclose(hyp(1, 1), 2 ** 0.5, abs_tol=EPS)"]}
+
+
+def code(program: str) -> str:
+    return f"Here it is.\n```python\n{program}\n```"
+
+
+@needs_bwrap
+def test_unit_tests_humaneval_and_mbpp_forms():
+    assert check_code(code("def add(a, b):\n    print('noise')\n    return a + b"), HUMANEVAL).all_passed
+    wrong = check_code(code("def add(a, b):\n    return a * b"), HUMANEVAL)
+    assert not wrong.all_passed and (wrong.passed, wrong.total) == (0, 1)
+    assert "test line 4 failed: assert candidate(2, 3) == 5 (AssertionError)" in wrong.error
+    missing = check_code(code("def plus(a, b):\n    return a + b"), HUMANEVAL)
+    assert "NameError: name 'add' is not defined" in missing.error
+    assert check_code(code("import math\ndef hyp(a, b):\n    return math.hypot(a, b)"), MBPP).all_passed
+    crashes = check_code(code("def hyp(a, b):\n    return (a * a + b * b) ** 0.5 if a > 1 else 1 / 0"), MBPP)
+    assert "test line 4 failed: assert math.isclose" in crashes.error and "ZeroDivisionError" in crashes.error
+    # test_type "unit" declared, code_test_cases not needed; stdio rows are still stdio.
+    assert check_code(code("def add(a, b):\n    return a + b"), {**HUMANEVAL, "test_type": "unit"}).all_passed
+
+
+@needs_bwrap
+def test_unit_tests_pass_only_when_they_ran():
+    """A pass is the driver's nonce, printed after the tests: exiting early, rebinding what the
+    driver calls, forging its output or reading the test file beforehand all score 0."""
+    hacks = {
+        "exits before the tests": "import sys\nsys.exit(0)",
+        "exits hard": "import os\nos.write(1, b'\\n\"passed\"\\n')\nos._exit(0)",
+        "rebinds exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\ndef add(a, b):\n    return 0",
+        "rebinds sys.exit": "import sys\nsys.exit = lambda *a: None\ndef add(a, b):\n    return 0",
+        "reads the tests first": ("import os, re\nfound = {}\nfor name in os.listdir('/tmp/.case'):\n"
+                                  "    text = open('/tmp/.case/' + name).read()\n"
+                                  "    found.update({(int(a), int(b)): int(c) for a, b, c in "
+                                  "re.findall(r'candidate\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)', text)})\n"
+                                  "def add(a, b):\n    return found[(a, b)]"),
+    }
+    for name, program in hacks.items():
+        result = check_code(code(program), HUMANEVAL)
+        assert not result.all_passed, (name, result)
+    assert "did not finish" in check_code(code(hacks["exits before the tests"]), HUMANEVAL).error
+
+
+# ---------------------------------------------------------------- function results by type
+
+def test_same_value_keeps_json_types_apart():
+    assert not same_value(True, 1) and not same_value(1, True) and not same_value(0, False)
+    assert same_value(True, True) and not same_value(None, 0) and not same_value("1", 1)
+    assert same_value(1, 1.0) and same_value(2.0, 2)  # JSON has one number type
+    assert not same_value(0.1 + 0.2, 0.3) and same_value(0.1 + 0.2, 0.3, tol=1e-9)
+    assert same_value([1, [2.0000001, {"a": 3}]], [1, [2, {"a": 3}]], tol=1e-6)
+    assert not same_value([1, [2.001, {"a": 3}]], [1, [2, {"a": 3}]], tol=1e-6)
+    assert not same_value([1, 2], [1, 2, 3]) and not same_value({"a": 1}, {"a": 1, "b": 2})
+    assert not same_value(1, 2, tol=5)  # the tolerance is for floats
+    assert same_value(float("nan"), float("nan")) and same_value(float("inf"), float("inf"), tol=1)
+
+
+@needs_bwrap
+def test_function_results_compared_by_type():
+    row = {"domain": "code", "prompt": "p", "test_type": "function", "fn_name": "f",
+           "code_test_cases": [{"input": "[3]", "output": "true"}, {"input": "[4]", "output": "0.5"}]}
+    right = "def f(x):\n    return True if x == 3 else 0.5"
+    assert check_code(code(right), row).all_passed
+    as_int = check_code(code("def f(x):\n    return 1 if x == 3 else 0.5"), row)
+    assert not as_int.all_passed and as_int.error == "case 0: wrong result '1'"
+    near = code("def f(x):\n    return True if x == 3 else 0.5 + 1e-7")
+    assert not check_code(near, row).all_passed
+    assert check_code(near, {**row, "float_tolerance": 1e-6}).all_passed
+
+
+# ---------------------------------------------------------------- rows refused when read
+
+def test_code_rows_that_cannot_run_are_refused_when_read(tmp_path):
+    stdio = {"domain": "code", "prompt": "p", "code_test_cases": [{"input": "1\n", "output": "1\n"}]}
+    rows = [
+        HUMANEVAL, MBPP, stdio, {**stdio, "test_type": "stdio"},
+        {**stdio, "test_type": "assert"},
+        {**stdio, "test_type": "function"},
+        {**stdio, "test_type": "function", "fn_name": "f", "float_tolerance": -1},
+        {**stdio, "float_tolerance": 0.1},
+        {**stdio, "code_language": "cpp"},
+        {**HUMANEVAL, "test_list": ["assert True"]},
+        {**HUMANEVAL, "entry_point": "not a name"},
+        {**HUMANEVAL, "test": "def check(candidate):\n    assert candidate(1 == 1\n"},
+        {**MBPP, "test_list": []},
+        {**MBPP, "test_imports": "import math"},
+        {"domain": "code", "prompt": "p", "test_type": "unit"},
+    ]
+    f = tmp_path / "rl.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept, report = read_rl_prompts(str(f), on_bad="skip", show=20)
+    assert len(kept) == 4 and report.n_bad == len(rows) - 4
+    expected = ["'test_type' must be one of ['stdio', 'function', 'unit'], got 'assert'",
+                "'fn_name' must name the function",
+                "'float_tolerance' must be a number >= 0, got -1",
+                "'float_tolerance' applies to function results only",
+                "'code_language' 'cpp' is not supported",
+                "exactly one of them",
+                "'entry_point' must name the function under test, got 'not a name'",
+                "the test source does not compile",
+                "'test_list' must be a non-empty list of assert statements",
+                "'test_imports' must be a list of strings",
+                "exactly one of them"]
+    for line, (where, text) in enumerate(zip(report.first, expected), start=5):
+        assert where.startswith(f"{f}:{line}: ") and text in where, (where, text)

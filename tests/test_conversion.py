@@ -1,4 +1,5 @@
-"""HF <-> Megatron conversion: exact round trips, any layout, refusal of bad checkpoints."""
+"""HF <-> Megatron conversion: exact round trips, any layout, refusal of bad checkpoints, exports that
+carry their source's tokenizer and modeling code and load with transformers."""
 
 import json
 import subprocess
@@ -9,8 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT, run_workers
+from tests.hf_reference import hf_forward
+from tests.hf_remote_code import AUTO_MAP, GENERATION, write_source
+from megatron_ring.data.chat_tokenizer import ChatTokenizer
 from megatron_ring.models import hf_convert as conv
-from megatron_ring.models.hf_checkpoint import CheckpointError, HFReader
+from megatron_ring.models.hf_checkpoint import CheckpointError, HFReader, HFWriter
+from megatron_ring.models.hf_config import source_dtype
 from megatron_ring.train.checkpoint import check_arch
 
 
@@ -41,18 +46,92 @@ def test_gated_shards_split_gate_and_up_separately():
     assert torch.equal(conv.unshard(pieces, s), full)
 
 
-def test_roundtrip_through_tp2_ep2_is_bit_exact(tiny_hf, tmp_path):
+def test_roundtrip_through_tp2_ep2_is_bit_exact_and_loads_like_its_source(tmp_path, tiny_arch):
+    """A hub-style source (remote code, auto_map, tokenizer, float32) -> Megatron at TP2/EP2 ->
+    HF with no --source or --dtype: the same tensors, and the export loads the way a user loads
+    it (AutoModelForCausalLM with trust_remote_code, AutoTokenizer) with the source's logits."""
+    import transformers
+
+    source = write_source(tmp_path / "src", tiny_arch)
     meg, back = tmp_path / "meg", tmp_path / "back"
-    r = cli("convert", "hf-to-megatron", tiny_hf, meg, "--tp", 2, "--ep", 2)
+    r = cli("convert", "hf-to-megatron", source, meg, "--tp", 2, "--ep", 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = cli("convert", "megatron-to-hf", meg, back, "--tp", 2, "--ep", 2, "--dtype", "float32")
+    r = cli("convert", "megatron-to-hf", meg, back, "--tp", 2, "--ep", 2)  # the checkpoint names its source
     assert r.returncode == 0, r.stderr[-3000:]
-    src, out = HFReader(tiny_hf), HFReader(back)
+    assert f"float32, tokenizer and code of {source}" in r.stdout
+    src, out = HFReader(source), HFReader(back)
     assert set(src.file_of) == set(out.file_of)
     for name in src.file_of:
-        assert torch.equal(src.read(name), out.read(name)), name
-    assert out.config == json.loads((back / "config.json").read_text())
+        assert torch.equal(src.read(name), out.read(name)), name  # float32, as the source stores them
     assert out.arch == src.arch
+    for name in ("configuration_bailing_moe.py", "modeling_bailing_moe.py", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (back / name).read_bytes() == (source / name).read_bytes(), name
+    assert out.config["auto_map"] == AUTO_MAP and out.config["torch_dtype"] == "float32"
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(back, trust_remote_code=True,
+                                                                    output_loading_info=True)
+    assert type(model).__name__ == "BailingMoeForCausalLM" and model.dtype == torch.float32
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokenizer = transformers.AutoTokenizer.from_pretrained(back, trust_remote_code=True)  # config has auto_map
+    messages = [{"role": "user", "content": "Compute 12+30."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == ChatTokenizer(source).encode_prompt(messages)  # the trainer's tokens, from the export alone
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = hf_forward({n: src.read(n) for n in src.file_of}, src.config, ids)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert transformers.GenerationConfig.from_pretrained(back).temperature == GENERATION["temperature"]
+
+
+def test_writer_carries_a_named_source_under_the_models_own_config(tmp_path, tiny_arch):
+    source = write_source(tmp_path / "src", tiny_arch)
+    out = tmp_path / "out"
+    writer = HFWriter(out, tiny_arch.replace(rope_theta=600000.0), torch.bfloat16, source=source)
+    writer.add("lm_head.weight", torch.zeros(tiny_arch.vocab_size, tiny_arch.hidden_size))
+    writer.close()
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["transformers_version"] == "x"  # carried
+    assert config["rope_theta"] == 600000.0 and config["torch_dtype"] == "bfloat16"  # the model's own
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors",
+         "configuration_bailing_moe.py", "modeling_bailing_moe.py", "generation_config.json",
+         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+    bare = tmp_path / "bare"  # no source known: config and weights only
+    HFWriter(bare, tiny_arch).close()
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors.index.json"]
+    assert source_dtype(source) == "float32" and source_dtype(tmp_path) is None
+
+
+def _fake_checkpoint(path, arch, state):
+    """A complete checkpoint directory holding only the records (no tensors): enough for model.init's checks."""
+    from megatron_ring.train.checkpoint_dir import publish, seal
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True)
+    (tmp / "ling_arch.json").write_text(json.dumps(arch.__dict__))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": 3, **state}))
+    seal(tmp, 3)
+    publish(tmp, path)
+    return path
+
+
+def test_the_hf_source_follows_model_init_through_checkpoints(tmp_path, tiny_hf, tiny_arch):
+    """model.init -> the HF directory its weights descend from: an HF directory itself, a
+    checkpoint's recorded hf_source (or a converted one's older "source"), none for random."""
+    from megatron_ring.recipe import load_recipe
+    from megatron_ring.train.init_source import init_source, recorded_hf_source
+
+    recipe = ROOT / "recipes/tiny/distill.yaml"
+    assert init_source(load_recipe(recipe, [f"model.init={tiny_hf}"]), tmp_path).hf_source == str(tiny_hf)
+    run = _fake_checkpoint(tmp_path / "run/checkpoints/iter_0000003", tiny_arch, {"hf_source": str(tiny_hf)})
+    init = init_source(load_recipe(recipe, [f"model.init={run.parent}"]), tmp_path)
+    assert (init.path, init.hf_source, init.reader) == (str(run), str(tiny_hf), None)
+    old = _fake_checkpoint(tmp_path / "old/iter_0000000", tiny_arch, {"source": str(tiny_hf)})
+    assert recorded_hf_source(old) == str(tiny_hf)
+    scratch = _fake_checkpoint(tmp_path / "scratch/iter_0000001", tiny_arch, {"hf_source": None})
+    assert recorded_hf_source(scratch) is None and init_source(load_recipe(recipe), tmp_path) is None
 
 
 def test_checkpoint_saved_at_tp2_ep2_loads_at_tp1_ep1(tiny_hf, tmp_path):

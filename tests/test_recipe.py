@@ -26,8 +26,13 @@ def test_inheritance_and_overrides():
     ("train.lr=abc", "command line: train.lr: expected float, got str 'abc'"),
     ("train.epochs=2.5", "train.epochs: expected int"),
     ("data.bad_rows=maybe", "data.bad_rows: must be one of ['skip', 'fail']"),
-    ("select.entropy_low=0.6", "entropy_low (0.6) must be below entropy_high (0.5)"),
-    ("model.preset=ling-huge", "unknown model preset 'ling-huge'"),
+    ("select.entropy_low=0.6", "command line: select.entropy_low; "),
+    ("select.entropy_low=0.6", "distill.yaml: select.entropy_high: entropy_low (0.6) must be below entropy_high (0.5)"),
+    ("train.global_batch=-4", "command line: train.global_batch: must be > 0, got -4"),
+    ("train.warmup_frac=1", "command line: train.warmup_frac: must be in [0, 1), got 1.0"),
+    ("cluster.time_limit=2days", "command line: cluster.time_limit: '2days' is not a SLURM time"),
+    ("cluster.sglang=dedicated", "command line: cluster.sglang; default: cluster.sglang_nodes: sglang_nodes 0"),
+    ("model.preset=ling-huge", "command line: model.preset: unknown model preset 'ling-huge'"),
     ("lr=3", "lr: unknown key"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -41,6 +46,13 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "child.yaml").write_text("defaults: base.yaml\ntrain:\n  lr: 0.1\n")
     with pytest.raises(RecipeError, match=r"base.yaml: train.epochs: expected int, got str 'three'"):
         load_recipe(tmp_path / "child.yaml")
+    # A section's own checks blame the file that set the key, not the one that opened the section.
+    (tmp_path / "base.yaml").write_text("stage: distill\ntrain:\n  epochs: 3\n")
+    (tmp_path / "child.yaml").write_text("defaults: base.yaml\ntrain:\n  global_batch: 0\n")
+    with pytest.raises(RecipeError, match=r"child.yaml: train.global_batch: must be > 0, got 0"):
+        load_recipe(tmp_path / "child.yaml")
+    with pytest.raises(RecipeError, match=r"^command line: train.epochs: must be > 0, got -1$"):
+        load_recipe(tmp_path / "base.yaml", ["train.epochs=-1"])
     (tmp_path / "broken.yaml").write_text("stage: distill\ntrain:\n  lr: [1,\n")
     with pytest.raises(RecipeError, match=r"broken.yaml:\d+: invalid YAML"):
         load_recipe(tmp_path / "broken.yaml")
@@ -81,13 +93,14 @@ def test_rl_recipes_carry_the_paper_values():
 
 @pytest.mark.parametrize("override, message", [
     ("rl.loss_mode=ppo", "rl.loss_mode: must be one of ['c3po', 'grpo', 'token_mean']"),
-    ("rl.token_budget=0", "token_budget must be > 0"),
+    ("rl.token_budget=0", "command line: rl.token_budget: must be > 0"),
     ("rl.leftover=keep", "rl.leftover: must be one of ['carry', 'drop']"),
-    ("rollout.samples_per_prompt=0", "samples_per_prompt must be > 0"),
-    ("rl.tis_cap=-1", "tis_cap must be >= 0"),
-    ("model.init=null", "model.init: the KL reference is the model RL starts from"),
-    ("rollout.engine=embedded", "rollout.url: only for rollout.engine=sglang"),
-    ("rollout.replay_dir=runs/x/rollouts", "rollout.replay_dir: set it exactly when rollout.engine=replay"),
+    ("rollout.samples_per_prompt=0", "command line: rollout.samples_per_prompt: must be > 0"),
+    ("rl.tis_cap=-1", "command line: rl.tis_cap: must be >= 0"),
+    ("model.init=null", "command line: model.init; "),
+    ("model.init=null", "base/rl.yaml: rl.kl_beta: the KL reference is the model RL starts from"),
+    ("rollout.engine=embedded", "command line: rollout.url, rollout.engine: rollout.url is only for rollout.engine=sglang"),
+    ("rollout.replay_dir=runs/x/rollouts", "set rollout.replay_dir exactly when rollout.engine=replay"),
 ])
 def test_bad_rl_values_name_the_key(override, message):
     with pytest.raises(RecipeError) as e:

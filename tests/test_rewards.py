@@ -1,6 +1,8 @@
-"""Verifiable rewards: math and multiple choice; the reward pool kills verifiers that hang and
-scores every domain, code in the sandbox."""
+"""Verifiable rewards: math and multiple choice; the reward pool kills verifiers that hang, gives
+code the sandbox's own deadline and scores every domain, code in the sandbox; Math-Verify's log
+lines stay short."""
 
+import logging
 import os
 import random
 import time
@@ -8,8 +10,9 @@ from pathlib import Path
 
 from megatron_ring.data.demo_tasks import math_task, science_formula, science_units
 from megatron_ring.rewards.choice_reward import score_choice
-from megatron_ring.rewards.math_reward import score_math
-from megatron_ring.rewards.reward_pool import RewardPool
+from megatron_ring.rewards.math_reward import LOG_CHARS, score_math
+from megatron_ring.rewards.reward_pool import CODE_MARGIN_S, RewardPool
+from megatron_ring.rewards.sandbox import SandboxLimits
 from tests.sandbox_fixtures import demo_code_tasks, host_dir, needs_bwrap, run_dir  # noqa: F401
 
 
@@ -95,7 +98,61 @@ def test_pool_scores_every_domain(run_dir, capsys):
     n_ok = len(maths) + len(science)
     assert rewards[:n_ok] == [1.0] * n_ok and rewards[n_ok:n_ok + 2] == [0.0, 0.0]
     assert rewards[n_ok + 2:-1] == [1.0] * len(code) and rewards[-1] == 0.0
-    assert all(r.error is None and not r.timed_out for r in results)
+    assert all(r.error is None and not r.timed_out for r in results[:-1])
+    assert "No such file" in results[-1].error and secret not in results[-1].error  # why the theft scored 0
     with capsys.disabled():
         print(f"\n  reward pool (2 workers): {math_rate:.0f} math rewards/s; {len(items)} mixed items "
               f"({len(code) + 1} code) in {seconds:.2f}s")
+
+
+# ---------------------------------------------------------------- deadlines of code items
+
+SLOW_CASES = SandboxLimits(cpu_s=1, case_timeout_s=1.0)
+
+
+@needs_bwrap
+def test_code_deadline_is_the_sandbox_budget():
+    """A correct program slower than reward.timeout_s in all (3 cases of 0.4 s, or 60 fast cases:
+    before, killed at the flat timeout and scored 0) gets the sandbox's own budget + a margin."""
+    slow = {"domain": "code", "test_type": "stdio",
+            "code_test_cases": [{"input": f"{i}\n", "output": f"{i}\n"} for i in range(3)]}
+    many = {**slow, "code_test_cases": [{"input": f"{i}\n", "output": f"{i}\n"} for i in range(60)]}
+    with RewardPool(workers=1, timeout_s=0.5, limits=SLOW_CASES) as pool:
+        assert pool.deadline_s("code", slow) == SLOW_CASES.total_timeout_s(3) + CODE_MARGIN_S
+        assert pool.deadline_s("code", many) == SLOW_CASES.total_timeout_s(60) + CODE_MARGIN_S
+        assert pool.deadline_s("code", {"test": "def check(c): pass", "entry_point": "f"}) == \
+            SLOW_CASES.total_timeout_s(1) + CODE_MARGIN_S
+        assert pool.deadline_s("math", {"answer": "1"}) == 0.5
+        for program, row in (("import time\ntime.sleep(0.4)\nprint(input())", slow), ("print(input())", many)):
+            start = time.monotonic()
+            [result] = pool.score([("code", f"```python\n{program}\n```", row)])
+            seconds = time.monotonic() - start
+            assert (result.reward, result.timed_out, result.error) == (1.0, False, None)
+            assert seconds > pool.timeout_s  # the flat timeout would have killed it
+        [late] = pool.score([("code", "```python\nimport time\ntime.sleep(5)\n```", slow)])
+        assert (late.reward, late.timed_out, late.error) == (0.0, False, "case 0: timeout")  # the sandbox's clock
+
+
+@needs_bwrap
+def test_recipe_float_tolerance_reaches_the_workers():
+    row = {"domain": "code", "test_type": "function", "fn_name": "f",
+           "code_test_cases": [{"input": "[]", "output": "0.3"}]}
+    near = "```python\ndef f():\n    return 0.1 + 0.2\n```"
+    with RewardPool(workers=1, float_tolerance=1e-9) as pool:
+        assert [r.reward for r in pool.score([("code", near, row), ("code", near, {**row, "float_tolerance": 0})])] \
+            == [1.0, 0.0]  # a row's own tolerance wins
+        [wrong] = pool.score([("code", "```python\ndef f():\n    return 1\n```", row)])
+        assert wrong.error == "case 0: wrong result '1'"  # the pool says why code scored 0
+
+
+# ---------------------------------------------------------------- Math-Verify's log lines
+
+def test_math_verify_timeouts_log_one_short_line(caplog):
+    """Math-Verify logs the whole expression it gave up on: 43 KB on one line before."""
+    huge = "+".join(f"x^{{{i}}}" for i in range(5000))
+    with caplog.at_level(logging.WARNING):
+        assert score_math(f"so \\boxed{{{huge}}}", "1", timeout_s=1) == 0.0
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("math_verify")]
+    assert any(m.startswith("Timeout during parsing: \\boxed{x^{0}+x^{1}") for m in messages), messages
+    whole = len(f"Timeout during parsing: \\boxed{{{huge}}}")
+    assert all(len(m) <= LOG_CHARS + 40 for m in messages) and any(f"({whole} characters)" in m for m in messages)

@@ -1,5 +1,6 @@
-"""SFT rows: loss on responses only, bad rows counted and named by file:line (skip or fail), RL
-prompt rows checked the same way, and the step schedule's batching invariants."""
+"""SFT rows: loss on responses only, bad rows (not UTF-8, not JSON, wrong schema, too long) counted
+and named by file:line (skip or fail), RL prompt rows checked the same way, and the step
+schedule's batching invariants."""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 from megatron_ring.data.chat_tokenizer import ChatTokenizer, TokenizerError
 from megatron_ring.data.demo_data import write_demo_data
 from megatron_ring.data.rl_prompts import read_rl_prompts
-from megatron_ring.data.sft_rows import DataError, read_sft_rows
+from megatron_ring.data.sft_rows import DataError, check_sft_rows, read_sft_rows
 from megatron_ring.train.sft_data import Schedule, rank_share
 
 SMALL = dict(n_sft=60, n_rl_math=8, n_rl_code_science=8, n_heldout=8, n_sft_heldout=8, n_eval=8)
@@ -58,6 +59,28 @@ def test_bad_rows_are_counted_and_named(tok, tmp_path):
     with pytest.raises(DataError, match=rf"{f}:2: not JSON") as e:
         read_sft_rows([str(f)], tok, max_tokens=64, on_bad="fail")
     assert "5 bad" in str(e.value) and "data.bad_rows=skip" in str(e.value)
+
+
+def test_non_utf8_rows_are_bad_rows_named_by_file_line(tok, tmp_path):
+    """A row with bytes that are not UTF-8 costs that row, not the file: skipped under skip,
+    named by file:line under fail, in the stage's reader, the launcher's and the RL prompts'."""
+    good = json.dumps({"prompt": "Compute 1+2.", "response": "\\boxed{3}"}).encode()
+    f = tmp_path / "sft.jsonl"
+    f.write_bytes(b"\n".join([good, b'{"prompt": "caf\xe9", "response": "x"}', good, b"\xff\xfe", good]) + b"\n")
+    examples, report = read_sft_rows([str(f)], tok, max_tokens=64, on_bad="skip")
+    assert [e.source for e in examples] == [f"{f}:1", f"{f}:3", f"{f}:5"]
+    assert report.reasons == {"not UTF-8": 2}
+    assert report.first == [f"{f}:2: not UTF-8 (byte 0xe9 at column 16)", f"{f}:4: not UTF-8 (byte 0xff at column 1)"]
+    for read in (lambda: read_sft_rows([str(f)], tok, max_tokens=64), lambda: check_sft_rows([str(f)])):
+        with pytest.raises(DataError, match=rf"2 bad \(2 not UTF-8\)\n  {f}:2: not UTF-8"):
+            read()
+    assert check_sft_rows([str(f)], on_bad="skip").kept == 3
+    rl = tmp_path / "rl.jsonl"
+    rl.write_bytes(json.dumps({"domain": "math", "prompt": "1+1?", "answer": "2"}).encode() + b"\n\x80\n")
+    rows, report = read_rl_prompts(str(rl), on_bad="skip")
+    assert len(rows) == 1 and report.first == [f"{rl}:2: not UTF-8 (byte 0x80 at column 1)"]
+    with pytest.raises(DataError, match=rf"{rl}:2: not UTF-8"):
+        read_rl_prompts(str(rl))
 
 
 def test_rl_prompt_rows(tmp_path):

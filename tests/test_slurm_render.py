@@ -74,8 +74,8 @@ LING_RL = ROOT / "recipes/ling_lite/rl_stage1_math.yaml"
 
 
 @pytest.mark.parametrize("recipe, override, message", [
-    (LING_RL, "cluster.sglang_nodes=0", "cluster: sglang_nodes: 0 with sglang: dedicated"),
-    (LING_RL, "cluster.time_limit=tomorrow", "cluster: time_limit: 'tomorrow' is not a SLURM time"),
+    (LING_RL, "cluster.sglang_nodes=0", "command line: cluster.sglang_nodes: sglang_nodes 0 with sglang dedicated"),
+    (LING_RL, "cluster.time_limit=tomorrow", "command line: cluster.time_limit: 'tomorrow' is not a SLURM time"),
     (LING_RL, "cluster.container_mounts=[/data]", "container_mounts: ['/data'] are not SRC:DST"),
     (LING_RL, "rollout.engine=embedded", "dedicated SGLang nodes need rollout.engine=sglang"),
     (ROOT / "recipes/ling_lite/distill.yaml", "cluster.sglang=dedicated", "a distill recipe has none"),

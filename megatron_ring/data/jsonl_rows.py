@@ -1,6 +1,6 @@
-"""Reading jsonl data files row by row: every row is parsed or counted as bad, by reason, with
-file:line for the first few. Nothing is dropped silently; the caller's policy decides whether
-bad rows are skipped or stop the run."""
+"""Reading jsonl data files row by row: every row is decoded (UTF-8) and parsed or counted as
+bad, by reason, with file:line for the first few. Nothing is dropped silently; the caller's
+policy decides whether bad rows are skipped or stop the run."""
 
 from __future__ import annotations
 
@@ -53,18 +53,24 @@ def read_rows(paths: list[str], parse: Callable[[object, str], T], what: str, on
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"{path}: {what} file not found")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                report.total += 1
-                where = f"{path}:{lineno}"
-                try:
-                    items.append(parse(json.loads(line), where))
-                except json.JSONDecodeError as e:
-                    report.bad(where, f"not JSON ({e.msg})", show)
-                except ValueError as e:
-                    report.bad(where, str(e), show)
+        try:
+            with open(path, "rb") as f:  # decoded line by line: one bad byte costs one row
+                for lineno, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    report.total += 1
+                    where = f"{path}:{lineno}"
+                    try:
+                        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                        items.append(parse(json.loads(line), where))
+                    except UnicodeDecodeError as e:
+                        report.bad(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", show)
+                    except json.JSONDecodeError as e:
+                        report.bad(where, f"not JSON ({e.msg})", show)
+                    except ValueError as e:
+                        report.bad(where, str(e), show)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
     report.kept = len(items)
     if report.n_bad and on_bad == "fail":
         raise DataError(f"bad {what} rows{hint}: {report.summary()}")

@@ -1,13 +1,16 @@
 """RL prompt rows (jsonl), one prompt each: {"domain": "math"|"science"|"code", "prompt", ...}.
-math and science carry "answer" (science: the option letter); code carries "code_test_cases"
-[{input, output}] as in the released Ring-lite RL data (plus code_language, groundtruth,
-test_type, fn_name). Bad rows are reported with file:line, as for SFT rows."""
+math and science carry "answer" (science: the option letter); code carries its tests in one of
+the forms of `rewards/code_tests.py`: "code_test_cases" [{input, output}] as in the released
+Ring-lite RL data (plus code_language, groundtruth, test_type, fn_name), or unit tests
+(HumanEval's test + entry_point, MBPP's test_list). Bad rows, a code row whose tests cannot run
+included, are reported with file:line, as for SFT rows."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from megatron_ring.data.jsonl_rows import RowReport, read_rows
+from megatron_ring.rewards.code_tests import code_tests
 
 DOMAINS = ("math", "science", "code")
 
@@ -35,11 +38,8 @@ def parse_prompt_row(row, source: str = "") -> PromptRow:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("missing or empty 'prompt'")
     if domain == "code":
-        tests = row.get("code_test_cases")
-        if not isinstance(tests, list) or not tests or not all(
-                isinstance(t, dict) and {"input", "output"} <= set(t) for t in tests):
-            raise ValueError("'code_test_cases' must be a non-empty list of {input, output}")
-        return PromptRow(domain, prompt, None, tests, row, source)
+        code_tests(row)  # ValueError naming the key when its tests cannot run
+        return PromptRow(domain, prompt, None, row.get("code_test_cases") or [], row, source)
     answer = row.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)

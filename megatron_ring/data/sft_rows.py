@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from megatron_ring.data.chat_tokenizer import ChatTokenizer
 from megatron_ring.data.jsonl_rows import DataError, RowReport, read_rows
 
-__all__ = ["DataError", "Example", "RowReport", "read_sft_rows", "row_messages"]
+__all__ = ["DataError", "Example", "RowReport", "check_sft_rows", "read_sft_rows", "row_messages"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -47,6 +47,9 @@ def row_messages(row) -> list[dict]:
     raise ValueError("missing 'messages' (or 'prompt' and 'response')")
 
 
+_HINT = " (set data.bad_rows=skip to skip them)"
+
+
 def read_sft_rows(paths: list[str], tokenizer: ChatTokenizer, max_tokens: int,
                   on_bad: str = "fail", show: int = 5) -> tuple[list[Example], RowReport]:
     def parse(row, where: str) -> Example:
@@ -55,4 +58,10 @@ def read_sft_rows(paths: list[str], tokenizer: ChatTokenizer, max_tokens: int,
             raise ValueError(f"too long ({len(ids)} tokens, limit {max_tokens})")
         return Example(ids, mask, where)
 
-    return read_rows(paths, parse, "SFT", on_bad, show, hint=" (set data.bad_rows=skip to skip them)")
+    return read_rows(paths, parse, "SFT", on_bad, show, hint=_HINT)
+
+
+def check_sft_rows(paths: list[str], on_bad: str = "fail", show: int = 5) -> RowReport:
+    """Every row decoded, parsed and checked against the row schema, without a tokenizer (the
+    launcher's check before any process starts; lengths are checked when the stage tokenises)."""
+    return read_rows(paths, lambda row, where: row_messages(row), "SFT", on_bad, show, hint=_HINT)[1]

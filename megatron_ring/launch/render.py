@@ -54,8 +54,17 @@ def write(recipe_path: str, overrides: list[str], run_dir: str | None, out_root:
 
 
 def submit(recipe_path: str, overrides: list[str], run_dir: str | None, out_root: str) -> int:
-    """Render, create the log directories SLURM writes into, and submit."""
+    """Render, check each training stage's inputs (the batch script starts torchrun on the nodes
+    directly: this is the last place bad input is said before a job waits in the queue), create
+    the log directories SLURM writes into, and submit."""
+    from megatron_ring.train.input_check import check_inputs
+
     script, specs = write(recipe_path, overrides, run_dir, out_root)
+    for spec in specs:
+        if spec.argv[0] in ("distill", "rl"):
+            # Inputs an earlier stage of a pipeline writes (a selection.json) do not exist yet.
+            for note in check_inputs(spec.recipe, spec.run_dir, missing_ok=True):
+                print(f"megatron-ring slurm: {spec.name}: not found here, so not checked: {note}")
     for spec in specs:
         Path(spec.run_dir, "logs").mkdir(parents=True, exist_ok=True)
     argv = ["bash", str(script)] if script.name == "submit.sh" else ["sbatch", str(script)]

@@ -1,4 +1,5 @@
-"""Hugging Face BailingMoe checkpoint directories: config.json and safetensors shards.
+"""Hugging Face BailingMoe checkpoint directories: safetensors shards (config.json and the side
+files that travel with it: hf_config.py).
 
 Reading validates every tensor name and shape against the architecture before anything is
 loaded, so a wrong checkpoint is refused with the tensor and file named. Writing streams
@@ -16,85 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_ring.models.hf_config import CheckpointError, arch_from_config, copy_aux, export_config, read_config
 from megatron_ring.models.hf_convert import expected_hf_shapes
 from megatron_ring.models.presets import LingArch
 
 INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what it is loaded into."""
-
-
-def arch_from_config(config: dict, source: str = "config.json") -> LingArch:
-    def need(key):
-        if key not in config:
-            raise CheckpointError(f"{source}: missing key {key!r}")
-        return config[key]
-
-    if config.get("model_type") != "bailing_moe":
-        raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'bailing_moe'")
-    if config.get("first_k_dense_replace", 0) != 0:
-        raise CheckpointError(f"{source}: first_k_dense_replace={config['first_k_dense_replace']} "
-                              "(dense leading layers) is not supported: Ling-lite has 0")
-    for flag in ("use_bias", "use_qkv_bias", "tie_word_embeddings"):
-        if config.get(flag):
-            raise CheckpointError(f"{source}: {flag}=true is not supported by the Ling architecture")
-    if not config.get("norm_topk_prob", True):
-        raise CheckpointError(f"{source}: norm_topk_prob=false is not supported (Ling renormalises top-k)")
-    heads = need("num_attention_heads")
-    return LingArch(
-        hidden_size=need("hidden_size"),
-        num_layers=need("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_query_groups=need("num_key_value_heads"),
-        head_dim=config.get("head_dim") or need("hidden_size") // heads,
-        vocab_size=need("vocab_size"),
-        num_experts=need("num_experts"),
-        moe_topk=need("num_experts_per_tok"),
-        moe_ffn_hidden_size=need("moe_intermediate_size"),
-        shared_expert_ffn_hidden_size=need("moe_intermediate_size") * need("num_shared_experts"),
-        max_position_embeddings=need("max_position_embeddings"),
-        rms_norm_eps=need("rms_norm_eps"),
-        rope_theta=float(need("rope_theta")),
-        norm_head=bool(config.get("norm_head", False)),
-        eos_token_id=config.get("eos_token_id", 0),
-        pad_token_id=config.get("pad_token_id", 0),
-    )
-
-
-def config_from_arch(arch: LingArch, dtype: torch.dtype = torch.bfloat16) -> dict:
-    if arch.shared_expert_ffn_hidden_size % arch.moe_ffn_hidden_size:
-        raise CheckpointError("shared expert width must be a multiple of the expert width in HF format")
-    return {
-        "architectures": ["BailingMoeForCausalLM"],
-        "model_type": "bailing_moe",
-        "hidden_size": arch.hidden_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_query_groups,
-        "head_dim": arch.head_dim,
-        "vocab_size": arch.vocab_size,
-        "num_experts": arch.num_experts,
-        "num_experts_per_tok": arch.moe_topk,
-        "moe_intermediate_size": arch.moe_ffn_hidden_size,
-        "intermediate_size": arch.moe_ffn_hidden_size,
-        "num_shared_experts": arch.shared_expert_ffn_hidden_size // arch.moe_ffn_hidden_size,
-        "norm_topk_prob": True,
-        "first_k_dense_replace": 0,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "rope_theta": arch.rope_theta,
-        "rope_scaling": None,
-        "norm_head": arch.norm_head,
-        "tie_word_embeddings": False,
-        "use_bias": False,
-        "use_qkv_bias": False,
-        "hidden_act": "silu",
-        "eos_token_id": arch.eos_token_id,
-        "pad_token_id": arch.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
 
 
 class HFReader:
@@ -102,14 +29,8 @@ class HFReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{self.path}: no config.json (not a Hugging Face checkpoint directory)")
-        try:
-            self.config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-        self.arch = arch_from_config(self.config, str(config_path))
+        self.config = read_config(self.path)
+        self.arch = arch_from_config(self.config, str(self.path / "config.json"))
         self.file_of = self._index()
         self._handles = {}
 
@@ -169,13 +90,14 @@ class HFReader:
 
 
 class HFWriter:
-    """Streams tensors into safetensors shards; `close()` writes config and index last."""
+    """Streams tensors into safetensors shards; `close()` writes the side files of `source` (an HF
+    or tokenizer directory the weights came from, if known), the config and the index last."""
 
     def __init__(self, path: str | os.PathLike, arch: LingArch, dtype: torch.dtype = torch.bfloat16,
-                 max_shard_bytes: int = 4 << 30):
+                 max_shard_bytes: int = 4 << 30, source: str | os.PathLike | None = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.arch, self.dtype, self.max_shard_bytes = arch, dtype, max_shard_bytes
+        self.arch, self.dtype, self.max_shard_bytes, self.source = arch, dtype, max_shard_bytes, source
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
@@ -205,7 +127,10 @@ class HFWriter:
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.path / f"part-{i:05d}.safetensors.tmp", self.path / final)
             weight_map.update({name: final for name in names})
-        (self.path / "config.json").write_text(json.dumps(config_from_arch(self.arch, self.dtype), indent=2))
+        if self.source is not None:
+            copy_aux(self.source, self.path)
+        config = export_config(self.arch, self.dtype, self.source)
+        (self.path / "config.json").write_text(json.dumps(config, indent=2))
         tmp = self.path / (INDEX + ".tmp")
         tmp.write_text(json.dumps({"metadata": {"total_size": self._total}, "weight_map": weight_map}, indent=2))
         os.replace(tmp, self.path / INDEX)

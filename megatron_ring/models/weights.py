@@ -74,9 +74,11 @@ def hf_state_dict(model, value=lambda n, p: p.data) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model, path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write the model as an HF checkpoint directory from global rank 0 (collective)."""
-    writer = HFWriter(path, model.arch, dtype) if dist.get_rank() == 0 else None
+def export_hf(model, path, dtype: torch.dtype = torch.bfloat16, source=None) -> None:
+    """Write the model as an HF checkpoint directory from global rank 0 (collective), with the
+    tokenizer, generation config and modeling code of `source` (the HF directory the weights
+    came from) when one is known."""
+    writer = HFWriter(path, model.arch, dtype, source=source) if dist.get_rank() == 0 else None
     for name, full in gather_full(model):
         if writer is not None:
             for hf_name, t in conv.to_hf(name, full, model.arch).items():

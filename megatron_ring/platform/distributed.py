@@ -77,10 +77,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m <argv>` as nproc local processes under torchrun (one node)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--nnodes=1", f"--master-port={free_port()}", "--master-addr=127.0.0.1", *argv]
+def torchrun(nproc: int, argv: list[str], env: dict | None = None, log_dir: str | os.PathLike | None = None,
+             prog: str = "megatron-ring", **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m <argv>` as nproc local processes under torchrun (one node). torchrun and its
+    workers die with this process, even when it is killed outright (platform/parent_death.py).
+    With log_dir, every rank's output is kept there, rank 0's is shown, and a failed worker ends
+    the command with its first error line and exit code 2 (platform/torchrun_agent.py)."""
+    from megatron_ring.platform import parent_death
+
+    agent = ["-m", "torch.distributed.run"] if log_dir is None else \
+        ["-m", "megatron_ring.platform.torchrun_agent", prog, str(log_dir)]
+    cmd = [sys.executable, *agent, f"--nproc-per-node={nproc}", "--nnodes=1", f"--master-port={free_port()}",
+           "--master-addr=127.0.0.1", *argv]
     full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    full_env.pop(parent_death.PARENT_ENV, None)  # torchrun's workers take torchrun as their parent
     full_env.update(env or {})
-    return subprocess.run(cmd, env=full_env, **kwargs)
+    return subprocess.run(cmd, env=full_env, preexec_fn=parent_death.preexec(), **kwargs)

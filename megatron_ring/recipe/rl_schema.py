@@ -8,6 +8,7 @@ from typing import Literal
 
 from megatron_ring.recipe.schema import (ClusterSection, LoggingSection, ModelSection, ParallelSection,
                                          SampledEval, _positive)
+from megatron_ring.recipe.typed import FieldError
 
 
 @dataclass
@@ -64,7 +65,7 @@ class RLSection:
     def __post_init__(self):
         _positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
         if self.tis_cap < 0:
-            raise ValueError(f"tis_cap must be >= 0 (0: off), got {self.tis_cap}")
+            raise FieldError(f"must be >= 0 (0: off), got {self.tis_cap}", "tis_cap")
 
 
 @dataclass
@@ -90,7 +91,15 @@ class RLTrainSection:
 @dataclass
 class RewardSection:
     workers: int = 2  # verifier processes
-    timeout_s: float = 10.0  # per response; a verifier past it is killed and the response scores 0
+    # per math or science response; a verifier past it is killed and the response scores 0. Code
+    # gets the sandbox's own wall clock for the row's cases (+ 5 s) instead.
+    timeout_s: float = 10.0
+    float_tolerance: float = 0.0  # |got - expected| allowed for floats in function results; a row's own wins
+
+    def __post_init__(self):
+        _positive(workers=self.workers, timeout_s=self.timeout_s)
+        if self.float_tolerance < 0:
+            raise FieldError(f"must be >= 0, got {self.float_tolerance}", "float_tolerance")
 
 
 @dataclass
@@ -115,14 +124,15 @@ class RLRecipe:
 
     def __post_init__(self):
         if self.rl.kl_beta > 0 and not self.model.init:
-            raise ValueError("model.init: the KL reference is the model RL starts from; set model.init "
-                             "(a distillation checkpoint or HF directory) or rl.kl_beta=0")
+            raise FieldError("the KL reference is the model RL starts from; set model.init "
+                             "(a distillation checkpoint or HF directory) or rl.kl_beta=0", "model.init", "rl.kl_beta")
         if self.rollout.engine != "sglang" and self.rollout.url:
-            raise ValueError("rollout.url: only for rollout.engine=sglang")
+            raise FieldError("rollout.url is only for rollout.engine=sglang", "rollout.url", "rollout.engine")
         if (self.rollout.engine == "replay") != bool(self.rollout.replay_dir):
-            raise ValueError("rollout.replay_dir: set it exactly when rollout.engine=replay")
+            raise FieldError("set rollout.replay_dir exactly when rollout.engine=replay",
+                             "rollout.replay_dir", "rollout.engine")
         if self.cluster.sglang == "dedicated" and self.rollout.engine != "sglang":
-            raise ValueError("cluster.sglang: dedicated SGLang nodes need rollout.engine=sglang")
+            raise FieldError("dedicated SGLang nodes need rollout.engine=sglang", "cluster.sglang", "rollout.engine")
 
     def describe_batch(self, layout) -> str:
         r, ro = self.rl, self.rollout
@@ -152,7 +162,7 @@ class PipelineRecipe:
 
     def __post_init__(self):
         if not self.stages:
-            raise ValueError("stages: at least one stage")
+            raise FieldError("at least one stage", "stages")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stages: names must be unique, got {names}")
+            raise FieldError(f"names must be unique, got {names}", "stages")

@@ -11,13 +11,13 @@ from typing import Literal
 
 from megatron_ring.models.presets import LingArch, get_preset
 from megatron_ring.platform.layout import Layout, LayoutError
-from megatron_ring.recipe.typed import RecipeError
+from megatron_ring.recipe.typed import FieldError, RecipeError
 
 
 def _positive(**values):
-    bad = [f"{k} must be > 0, got {v}" for k, v in values.items() if v <= 0]
-    if bad:
-        raise ValueError("; ".join(bad))
+    for key, value in values.items():
+        if value <= 0:
+            raise FieldError(f"must be > 0, got {value}", key)
 
 
 @dataclass
@@ -31,7 +31,10 @@ class ModelSection:
     z_loss_coeff: float = 0.0  # router z-loss
 
     def __post_init__(self):
-        get_preset(self.preset)  # unknown preset -> ValueError naming the known ones
+        try:
+            get_preset(self.preset)
+        except ValueError as e:  # names the known presets
+            raise FieldError(str(e), "preset") from None
 
     def arch(self) -> LingArch:
         changes = {k: getattr(self, k) for k in ("rope_theta", "max_position_embeddings", "norm_head")
@@ -69,13 +72,13 @@ class ClusterSection:
     def __post_init__(self):
         _positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s)
         if (self.sglang == "dedicated") != (self.sglang_nodes > 0):
-            raise ValueError(f"sglang_nodes: {self.sglang_nodes} with sglang: {self.sglang}; dedicated "
-                             "servers need sglang_nodes > 0, co-located ones none")
+            raise FieldError(f"sglang_nodes {self.sglang_nodes} with sglang {self.sglang}; dedicated "
+                             "servers need sglang_nodes > 0, co-located ones none", "sglang", "sglang_nodes")
         if self.time_limit is not None and not _SLURM_TIME.match(self.time_limit):
-            raise ValueError(f"time_limit: {self.time_limit!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+            raise FieldError(f"{self.time_limit!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)", "time_limit")
         bad = [m for m in self.container_mounts if len(m.split(":")) not in (2, 3)]
         if bad:
-            raise ValueError(f"container_mounts: {bad} are not SRC:DST[:FLAGS]")
+            raise FieldError(f"{bad} are not SRC:DST[:FLAGS]", "container_mounts")
 
     @property
     def world_size(self) -> int:
@@ -117,7 +120,7 @@ class TrainSection:
     def __post_init__(self):
         _positive(epochs=self.epochs, global_batch=self.global_batch, micro_batch=self.micro_batch, lr=self.lr)
         if not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+            raise FieldError(f"must be in [0, 1), got {self.warmup_frac}", "warmup_frac")
 
 
 @dataclass
@@ -146,7 +149,8 @@ class SelectSection(SampledEval):
     def __post_init__(self):
         super().__post_init__()
         if not self.entropy_low < self.entropy_high:
-            raise ValueError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})")
+            raise FieldError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})",
+                             "entropy_low", "entropy_high")
 
 
 @dataclass
@@ -170,7 +174,7 @@ class DistillRecipe:
 
     def __post_init__(self):
         if self.cluster.sglang != "colocated":
-            raise ValueError("cluster.sglang: dedicated SGLang nodes serve RL rollouts; a distill recipe has none")
+            raise FieldError("dedicated SGLang nodes serve RL rollouts; a distill recipe has none", "cluster.sglang")
 
 
 def schemas() -> dict:

@@ -20,6 +20,16 @@ class RecipeError(ValueError):
     """A recipe that cannot run: the message names the file and the key path."""
 
 
+class FieldError(ValueError):
+    """A schema dataclass's own check (__post_init__) that failed on some of its keys (paths
+    relative to it): the error is blamed on what set each key (a file, the command line, or the
+    default), not on the file that happened to open the section."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
 def _where(path: str, origin: dict[str, str]) -> str:
     """The file (or 'command line') that set this key or its nearest parent."""
     key = path
@@ -91,9 +101,26 @@ def build(cls, data, path: str, origin: dict):
             _fail(sub, origin, "required key is missing")
     try:
         obj = cls(**kwargs)
-    except (ValueError, TypeError) as e:  # __post_init__ checks that span several fields
+    except FieldError as e:
+        raise RecipeError(f"{_blame(path, e.keys, data, origin)}: {e}") from None
+    except (ValueError, TypeError) as e:  # a check that names no key: blamed on the section
         _fail(path or "(top)", origin, str(e))
     return obj
+
+
+def _blame(path: str, keys, data: dict, origin: dict) -> str:
+    """'SOURCE: key, key; SOURCE: key' for the keys of one check, grouped by what set them."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        value, found = data, True
+        for part in key.split("."):
+            found = isinstance(value, dict) and part in value
+            if not found:
+                break
+            value = value[part]
+        full = _join(path, key)
+        groups.setdefault(_where(full, origin) if found else "default", []).append(full)
+    return "; ".join(f"{where}: {', '.join(ks)}" for where, ks in groups.items())
 
 
 def _join(path: str, key) -> str:

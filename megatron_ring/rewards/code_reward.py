@@ -1,19 +1,21 @@
-"""Code reward: the response's program run on the row's test cases inside the sandbox
-(`sandbox.py`); 1 only if every case passes.
+"""Code reward: the response's program run on the row's tests inside the sandbox (`sandbox.py`);
+1 only if every case passes. The test forms (stdin/stdout, function calls, unit tests) and the
+judging of a case are `code_tests.py`.
 
-All cases of a program run in one sandbox. The expected outputs never enter the sandbox; they are
-compared here, and we stop at the first failing case (the reward is all or nothing)."""
+All cases of a program run in one sandbox. Expected outputs of stdin/stdout and function tests
+never enter the sandbox; they are compared here, and we stop at the first failing case (the
+reward is all or nothing). Unit tests must run inside, next to the program: their file is deleted
+before the program starts, and a pass needs a nonce the test driver prints only once the tests
+finished."""
 
 from __future__ import annotations
 
-import json
 import re
-import signal
+import secrets
 from dataclasses import dataclass
 
+from megatron_ring.rewards.code_tests import PYTHON_LANGUAGES, CodeTests, code_tests, judge
 from megatron_ring.rewards.sandbox import SandboxLimits, run_job
-
-PYTHON_LANGUAGES = ("python", "python3", "py")
 
 
 @dataclass
@@ -24,24 +26,48 @@ class SandboxResult:
     error: str | None = None  # the first failure, None when all passed
 
 
-_defaults = {"hide": (), "limits": SandboxLimits()}
+_defaults = {"hide": (), "limits": SandboxLimits(), "float_tolerance": 0.0}
 
 
-def configure_sandbox(hide=None, limits: SandboxLimits | None = None) -> None:
-    """Process-wide defaults for score_code (a reward worker sets the run's hidden paths once)."""
+def configure_sandbox(hide=None, limits: SandboxLimits | None = None, float_tolerance: float | None = None) -> None:
+    """Process-wide defaults for score_code (a reward worker sets them once): the run's hidden
+    paths, the sandbox limits, and the float tolerance of function results for rows without
+    their own (the recipe's reward.float_tolerance)."""
     if hide is not None:
         _defaults["hide"] = tuple(str(p) for p in hide)
     if limits is not None:
         _defaults["limits"] = limits
+    if float_tolerance is not None:
+        _defaults["float_tolerance"] = float(float_tolerance)
 
 
-_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.S)
+_FENCE_LANGUAGE = re.compile(r"[ \t]*([\w+#.-]*)")
+
+
+def _fenced_blocks(response: str):
+    """(language, code) of every ``` block, as the regex ```[ \\t]*([\\w+#.-]*)[^\\n]*\\n(.*?)```
+    (re.S) finds them, in linear time: that regex is quadratic on a run of backticks (every
+    ``` tries the rest of the text for a newline), 40 s for 100 KB of them."""
+    pos = 0
+    while True:
+        start = response.find("```", pos)
+        if start < 0:
+            return
+        newline = response.find("\n", start + 3)
+        if newline < 0:
+            return  # no later ``` has a newline after it either
+        end = response.find("```", newline + 1)
+        if end < 0:
+            return  # an unclosed block (cut off); no later ``` can be closed either
+        header = response[start + 3:newline]
+        yield _FENCE_LANGUAGE.match(header).group(1), response[newline + 1:end]
+        pos = end + 3
 
 
 def extract_program(response: str) -> str | None:
     """The last ```python block of a response, else its last ``` block; None when there is none
     (an unclosed block means the response was cut off)."""
-    blocks = _FENCE.findall(response)
+    blocks = list(_fenced_blocks(response))
     if not blocks:
         return None
     python = [code for lang, code in blocks if lang.lower() in PYTHON_LANGUAGES]
@@ -49,86 +75,35 @@ def extract_program(response: str) -> str | None:
     return code if code.strip() else None
 
 
-def _normalize(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
-
-
-def _decode(value):
-    if not isinstance(value, str):
-        return value
+def sandbox_budget_s(row: dict, limits: SandboxLimits | None = None) -> float:
+    """The sandbox's own wall clock for scoring a response to this row (startup + its cases)."""
+    limits = limits or _defaults["limits"]
     try:
-        return json.loads(value)
+        cases = len(code_tests(row).cases)
     except ValueError:
-        return value
+        cases = 1  # refused before any sandbox starts
+    return limits.total_timeout_s(cases)
 
 
-def _function_args(value) -> list:
-    """A JSON list of arguments; also accepted: one JSON value per line, or a single value."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = [json.loads(line) for line in value.splitlines() if line.strip()]
-            return value
-    return value if isinstance(value, list) else [value]
-
-
-def _short(text: str, n: int = 200) -> str:
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def _judge(result: dict, test: dict, mode: str) -> str | None:
-    """None when the case passed, else why it failed."""
-    status, rc = result.get("status"), result.get("rc")
-    if status != "exited":
-        return status
-    if rc != 0:
-        tail = (result.get("stderr") or "").strip().splitlines()
-        name = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else ""
-        return f"exit code {rc}{name}" + (f": {_short(tail[-1])}" if tail else "")
-    out = result.get("stdout", "")
-    if mode == "stdio":
-        if _normalize(out) == _normalize(str(test["output"])):
-            return None
-        return f"wrong output {_short(out)!r}"
-    lines = [line for line in out.splitlines() if line.strip()]
-    try:
-        got = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        got = None
-    if lines and got == _decode(test["output"]):
-        return None
-    return f"wrong result {_short(lines[-1] if lines else '')!r}"
-
-
-def run_tests(program: str, tests: list[dict], test_type: str = "stdio", fn_name: str | None = None,
-              limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
-    """Run `program` on every test case in one sandbox; stops at the first failure."""
+def run_code(program: str, tests: CodeTests, limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
+    """Run `program` on every case of `tests` in one sandbox; stops at the first failure."""
     limits = limits or _defaults["limits"]
     hide = _defaults["hide"] if hide is None else tuple(str(p) for p in hide)
-    total = len(tests)
-    if not tests:
-        return SandboxResult(0, 0, False, "no test cases")
-    if test_type not in ("stdio", "function"):
-        return SandboxResult(0, total, False, f"unknown test_type {test_type!r}")
-    if test_type == "stdio":
-        cases = [str(t["input"]) for t in tests]
-    else:
-        try:
-            cases = [_function_args(t["input"]) for t in tests]
-        except ValueError as e:
-            return SandboxResult(0, total, False, f"bad function test input: {e}")
-    job = {"program": program, "mode": test_type, "fn_name": fn_name or "f", "cases": cases}
-    lines = run_job(job, limits, hide, total)
+    tol = _defaults["float_tolerance"] if tests.float_tolerance is None else tests.float_tolerance
+    cases = tests.cases
+    if tests.test_type == "unit":
+        cases = [{**case, "nonce": secrets.token_hex(16)} for case in cases]
+    total = len(cases)
+    lines = run_job({"program": program, "mode": tests.test_type, "cases": cases}, limits, hide, total)
     passed, error = 0, None
     try:
         for result in lines:
             status = result.get("status", "")
             if status.startswith("sandbox"):
-                detail = f": {_short(result['stderr'])}" if result.get("stderr") else ""
+                detail = f": {result['stderr'][:200]}" if result.get("stderr") else ""
                 error = f"case {passed}: {status}{detail}"
                 break
-            reason = _judge(result, tests[passed], test_type)
+            reason = judge(result, tests, passed, cases[passed], tol)
             if reason is not None:
                 error = f"case {passed}: {reason}"
                 break
@@ -140,17 +115,33 @@ def run_tests(program: str, tests: list[dict], test_type: str = "stdio", fn_name
     return SandboxResult(passed, total, passed == total, None if passed == total else error)
 
 
+def run_tests(program: str, tests: list[dict], test_type: str = "stdio", fn_name: str | None = None,
+              limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
+    """run_code on {input, output} cases given directly (stdio or function tests)."""
+    try:
+        parsed = code_tests({"code_test_cases": tests, "test_type": test_type, "fn_name": fn_name})
+    except ValueError as e:
+        return SandboxResult(0, len(tests), False, str(e))
+    return run_code(program, parsed, limits, hide)
+
+
 def check_code(response: str, row: dict, limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
-    """The code reward with its reason: the response's program against the row's test cases."""
-    tests = row.get("code_test_cases") or []
-    language = str(row.get("code_language") or "python").lower()
-    if language not in PYTHON_LANGUAGES:
-        return SandboxResult(0, len(tests), False, f"language {language!r} is not supported (Python only)")
+    """The code reward with its reason: the response's program against the row's tests."""
+    try:
+        tests = code_tests(row)
+    except ValueError as e:
+        return SandboxResult(0, 0, False, f"bad row: {e}")
     program = extract_program(response)
     if program is None:
-        return SandboxResult(0, len(tests), False, "no ``` code block in the response")
-    return run_tests(program, tests, row.get("test_type") or "stdio", row.get("fn_name"), limits, hide)
+        return SandboxResult(0, len(tests.cases), False, "no ``` code block in the response")
+    return run_code(program, tests, limits, hide)
+
+
+def code_verdict(response: str, row: dict) -> tuple[float, str | None]:
+    """(reward, why it is 0): what the reward pool reports, so `megatron-ring score` can say why."""
+    result = check_code(response, row)
+    return (1.0 if result.all_passed else 0.0), result.error
 
 
 def score_code(response: str, row: dict) -> float:
-    return 1.0 if check_code(response, row).all_passed else 0.0
+    return code_verdict(response, row)[0]

@@ -2,6 +2,9 @@
 sympy expression, a sandbox that never returns) is SIGKILLed and replaced, and its item scores 0,
 instead of stalling the whole RL step.
 
+An item's deadline is `timeout_s`, except for code: the sandbox's own wall clock for the row's
+number of cases plus a margin, so a correct program with slow or many cases is not cut off.
+
 Workers are started with "spawn": the trainer has torch and gloo threads, which fork would copy in
 a broken state. Each item runs in a worker's main thread, where Math-Verify's signal.alarm
 timeouts work."""
@@ -15,8 +18,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from megatron_ring.rewards.choice_reward import score_choice
-from megatron_ring.rewards.code_reward import configure_sandbox, run_tests, score_code
-from megatron_ring.rewards.sandbox import bwrap_path
+from megatron_ring.rewards.code_reward import code_verdict, configure_sandbox, run_tests, sandbox_budget_s
+from megatron_ring.rewards.sandbox import SandboxLimits, bwrap_path
 from megatron_ring.rewards.math_reward import score_math
 
 
@@ -28,22 +31,29 @@ def choice_reward(response: str, row: dict) -> float:
     return score_choice(response, str(row["answer"]))
 
 
-# domain -> fn(response, row) -> float; row is the whole prompt row (PromptRow.row).
-REWARD_FNS = {"math": math_reward, "science": choice_reward, "code": score_code}
+# domain -> fn(response, row) -> reward, or (reward, why it is 0): code says which case failed;
+# row is the whole prompt row (PromptRow.row).
+REWARD_FNS = {"math": math_reward, "science": choice_reward, "code": code_verdict}
 
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy on a loaded machine
+CODE_MARGIN_S = 5.0  # a code item's deadline past the sandbox's own: extraction, killing it, replying
 
 
 @dataclass
 class RewardResult:
     reward: float
     timed_out: bool = False
-    error: str | None = None
+    error: str | None = None  # why the reward is 0, when known (a failed code case, a verifier's error)
 
 
-def _serve(conn, fns: dict, hide: tuple) -> None:
+def verdict(value) -> tuple[float, str | None]:
+    """A reward fn's answer as (reward, why it is 0)."""
+    return (float(value[0]), value[1]) if isinstance(value, tuple) else (float(value), None)
+
+
+def _serve(conn, fns: dict, sandbox: dict) -> None:
     """The worker: one item at a time, in this process's main thread."""
-    configure_sandbox(hide=hide)
+    configure_sandbox(**sandbox)
     conn.send("ready")
     while True:
         try:
@@ -54,22 +64,22 @@ def _serve(conn, fns: dict, hide: tuple) -> None:
             return
         index, domain, response, row = message
         try:
-            reward, error = float(fns[domain](response, row)), None
+            reward, error = verdict(fns[domain](response, row))
         except Exception as e:  # a verifier's bug scores 0, it does not stop the run
             reward, error = 0.0, f"{type(e).__name__}: {e}"
         conn.send((index, reward, error))
 
 
 class _Worker:
-    def __init__(self, ctx, fns: dict, hide: tuple):
+    def __init__(self, ctx, fns: dict, sandbox: dict):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, fns, hide), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(child, fns, sandbox), daemon=True,
                                    name="reward-worker")
         self.process.start()
         child.close()
         self.ready = False
         self.started = time.monotonic()
-        self.item: tuple[int, float] | None = None  # (index, deadline)
+        self.item: tuple[int, float, float] | None = None  # (index, deadline, seconds allowed)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -82,20 +92,28 @@ class RewardPool:
     """score([(domain, response, row), ...]) -> [RewardResult] in input order.
 
     `fns` replaces the domain -> reward table (module-level functions: they are pickled to the
-    workers); `hide` are host paths (the run directory, checkpoints) code never sees."""
+    workers); `hide` are host paths (the run directory, checkpoints) code never sees; `limits` the
+    sandbox's; `float_tolerance` that of function results for rows without their own."""
 
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, hide=(), fns: dict | None = None):
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, hide=(), fns: dict | None = None,
+                 limits: SandboxLimits | None = None, float_tolerance: float = 0.0):
+        if workers < 1:
+            raise ValueError(f"reward workers must be >= 1, got {workers}")
+        if not float_tolerance >= 0:
+            raise ValueError(f"float tolerance must be >= 0, got {float_tolerance}")
         self.timeout_s = timeout_s
         self.fns = dict(REWARD_FNS if fns is None else fns)
         self.hide = tuple(str(p) for p in hide)
-        if self.fns.get("code") is score_code:
-            _check_sandbox(self.hide)
+        self.limits = limits or SandboxLimits()
+        self._sandbox = {"hide": self.hide, "limits": self.limits, "float_tolerance": float_tolerance}
+        if self.fns.get("code") is code_verdict:
+            _check_sandbox(self.hide, self.limits)
         self._ctx = mp.get_context("spawn")
         self._workers = [self._spawn() for _ in range(workers)]
         self._closed = False
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fns, self.hide)
+        return _Worker(self._ctx, self.fns, self._sandbox)
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -116,9 +134,16 @@ class RewardPool:
                 if worker.ready and worker.item is None and queue:
                     message = queue.popleft()
                     worker.conn.send(message)
-                    worker.item = (message[0], time.monotonic() + self.timeout_s)
+                    seconds = self.deadline_s(message[1], message[3])
+                    worker.item = (message[0], time.monotonic() + seconds, seconds)
             self._collect(results)
         return results
+
+    def deadline_s(self, domain: str, row: dict) -> float:
+        """How long an item may take: code, the sandbox's budget for its cases + CODE_MARGIN_S."""
+        if domain == "code" and self.fns.get("code") is code_verdict:
+            return sandbox_budget_s(row, self.limits) + CODE_MARGIN_S
+        return self.timeout_s
 
     def _collect(self, results: list) -> None:
         """Wait for the next message or deadline; kill and replace late or dead workers."""
@@ -141,7 +166,7 @@ class RewardPool:
                     results[index] = RewardResult(reward, False, error)
                     worker.item = None
             elif worker.item and time.monotonic() >= worker.item[1]:
-                results[worker.item[0]] = RewardResult(0.0, True, f"timed out after {self.timeout_s}s")
+                results[worker.item[0]] = RewardResult(0.0, True, f"timed out after {worker.item[2]:g}s")
                 self._replace(worker)
             elif not worker.ready and time.monotonic() >= worker.started + STARTUP_TIMEOUT_S:
                 raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S}s")
@@ -177,9 +202,9 @@ class RewardPool:
             self.close()
 
 
-def _check_sandbox(hide: tuple) -> None:
+def _check_sandbox(hide: tuple, limits: SandboxLimits) -> None:
     """Fail at startup, not as a silent 0 on every code item, when the sandbox cannot run."""
     bwrap_path()
-    result = run_tests("print(input())", [{"input": "ok\n", "output": "ok\n"}], hide=hide)
+    result = run_tests("print(input())", [{"input": "ok\n", "output": "ok\n"}], limits=limits, hide=hide)
     if not result.all_passed:
         raise RuntimeError(f"the code sandbox fails a trivial program: {result.error}")

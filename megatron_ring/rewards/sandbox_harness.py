@@ -7,23 +7,56 @@ HARNESS = r'''
 import json, os, resource, selectors, signal, subprocess, sys, time
 
 DRIVER = """
-import io, json, sys
-name, args_path = sys.argv[1], sys.argv[2]
-with open(args_path) as f:
-    args = json.load(f)
-real, sys.stdout = sys.stdout, io.StringIO()
-scope = {"__name__": "solution"}
-with open("main.py") as f:
-    exec(compile(f.read(), "main.py", "exec"), scope)
-fn = scope.get(name)
-if fn is None and isinstance(scope.get("Solution"), type):
-    fn = getattr(scope["Solution"](), name, None)
-if not callable(fn):
-    raise NameError("no function %r in the program" % name)
-result = fn(*args)
-sys.stdout = real
-print()
-print(json.dumps(result))
+import io, json, os, sys
+
+
+def report(e, test):
+    line, tb = 0, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "test":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    source = test.splitlines()[line - 1].strip()[:200] if line else ""
+    message = " ".join(str(e).split())[:200]
+    sys.stderr.write("test line %d failed: %s (%s)" % (line, source, type(e).__name__ + (": " + message if message else "")))
+
+
+def main():
+    # Bound before the program runs: it may rebind builtins (exec, print, sys.exit) in this process.
+    run, build, say, real = exec, compile, print, sys.stdout
+    # mode: function (spec: fn_name, args) or unit (spec: test, nonce). The spec file goes before
+    # the program runs: a unit test's asserts are the expected answers.
+    mode, spec_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.unlink(spec_path)
+    sys.stdout = io.StringIO()
+    scope = {"__name__": "solution"}
+    with open("main.py") as f:
+        run(build(f.read(), "main.py", "exec"), scope)
+    if mode == "function":
+        name = spec["fn_name"]
+        fn = scope.get(name)
+        if fn is None and isinstance(scope.get("Solution"), type):
+            fn = getattr(scope["Solution"](), name, None)
+        if not callable(fn):
+            raise NameError("no function %r in the program" % name)
+        result = json.dumps(fn(*spec["args"]))
+    else:
+        test, nonce = spec["test"], spec.pop("nonce")
+        try:
+            run(build(test, "test", "exec"), scope)
+        except Exception as e:
+            report(e, test)
+            sys.exit(1)
+            return  # sys.exit rebound by the program: still no nonce, no pass
+        result = nonce  # printed only when the tests finished
+    sys.stdout = real
+    say()
+    say(result)
+
+
+main()
 """
 
 
@@ -32,7 +65,7 @@ def limiter(lim):
         mb = 1 << 20
         for name, value in (("RLIMIT_CPU", (lim["cpu_s"], lim["cpu_s"] + 1)),
                             ("RLIMIT_AS", (lim["memory_mb"] * mb,) * 2),
-                            ("RLIMIT_NPROC", (lim["processes"] + 2,) * 2),  # + init, harness
+                            ("RLIMIT_NPROC", (lim["processes"] + 1,) * 2),  # + the harness (pid 1)
                             ("RLIMIT_FSIZE", (lim["file_mb"] * mb,) * 2),
                             ("RLIMIT_NOFILE", (lim["open_files"],) * 2),
                             ("RLIMIT_CORE", (0, 0))):
@@ -116,15 +149,15 @@ def main():
     for i, case in enumerate(job["cases"]):
         with open("/tmp/box/main.py", "w") as f:  # fresh each case: a program may rewrite itself
             f.write(job["program"])
-        stdin_path, args_path = "/tmp/.case/stdin%d" % i, "/tmp/.case/args%d.json" % i
+        stdin_path, spec_path = "/tmp/.case/stdin%d" % i, "/tmp/.case/spec%d.json" % i
         with open(stdin_path, "w") as f:
             f.write(case if job["mode"] == "stdio" else "")
         if job["mode"] == "stdio":
             argv = [sys.executable, "-I", "main.py"]
-        else:
-            with open(args_path, "w") as f:
+        else:  # function, unit: DRIVER runs the program and then the call or the tests
+            with open(spec_path, "w") as f:
                 json.dump(case, f)
-            argv = [sys.executable, "-I", "-c", DRIVER, job["fn_name"], args_path]
+            argv = [sys.executable, "-I", "-c", DRIVER, job["mode"], spec_path]
         result = run_case(argv, stdin_path, lim)
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()

@@ -71,17 +71,22 @@ def stage_runs(path: str, run_dir: str | None, overrides: list[str] = ()) -> tup
 
 
 def run_pipeline(path: str, run_dir: str | None, overrides: list[str]) -> int:
-    """Each stage in its own processes, in order; a stage stopped for requeue stops the pipeline."""
+    """Each stage in its own processes, in order; a stage stopped for requeue stops the pipeline.
+    One pipeline per directory (a lock on it), and each stage dies with the pipeline."""
+    from megatron_ring.platform import parent_death, run_lock
+
     pipe, root, runs = stage_runs(path, run_dir, overrides)
     report = []
-    for st in runs:
-        print(f"== pipeline {pipe.name}: stage {st.name} ({st.kind}) in {st.run_dir}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "megatron_ring.cli", *st.argv]).returncode
-        if code:
-            return code
-        if preemption.stopped_early(st.run_dir):
-            print(f"== pipeline {pipe.name}: stopped for requeue in stage {st.name}; run again to resume", flush=True)
-            return 0
-        report.append(pipeline_report.summary(st.name, st.kind, st.run_dir))
+    with run_lock.held(root):
+        for st in runs:
+            print(f"== pipeline {pipe.name}: stage {st.name} ({st.kind}) in {st.run_dir}", flush=True)
+            code = subprocess.run([sys.executable, "-m", "megatron_ring.cli", *st.argv],
+                                  preexec_fn=parent_death.preexec()).returncode
+            if code:
+                return code
+            if preemption.stopped_early(st.run_dir):
+                print(f"== pipeline {pipe.name}: stopped for requeue in stage {st.name}; run again to resume", flush=True)
+                return 0
+            report.append(pipeline_report.summary(st.name, st.kind, st.run_dir))
     pipeline_report.write(root, pipe.name, report)
     return 0

@@ -5,6 +5,7 @@ after the last, so a stage's effect is read off its own metrics."""
 from __future__ import annotations
 
 from megatron_ring.recipe.schema import expand
+from megatron_ring.rewards.code_reward import configure_sandbox
 from megatron_ring.rl.prompt_stream import read_prompts
 from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.selection.evaluate import evaluate
@@ -14,6 +15,7 @@ class Evaluator:
     def __init__(self, recipe, run_dir, tokenizer):
         e = self.settings = recipe.eval
         self.tokenizer, self.run_dir = tokenizer, run_dir
+        configure_sandbox(float_tolerance=recipe.reward.float_tolerance)  # scored in this process, as RL's pool does
         self.prompts = []
         if e.prompts:
             self.prompts = read_prompts([expand(e.prompts, run_dir)], recipe.data.domains, "fail")

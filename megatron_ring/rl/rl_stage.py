@@ -28,6 +28,7 @@ from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.rollout.replay import record_round
 from megatron_ring.train import checkpoint, preemption, stage_setup
 from megatron_ring.train.engine import build_optimizer, build_scheduler, wrap_ddp
+from megatron_ring.train.init_source import resolve_selection
 from megatron_ring.train.run_log import RunLog
 
 PLOT_KEYS = ["reward_mean", "eval_accuracy", "tokens_in_loss", "response_len_mean", "step_time_s", "entropy",
@@ -200,7 +201,8 @@ class RLStage:
         return rec
 
     def save(self, step: int) -> None:
-        state = {"stage": "rl", "scheduler": self.scheduler.state_dict(), "rl": self.state.to_json()}
+        state = {"stage": "rl", "scheduler": self.scheduler.state_dict(), "rl": self.state.to_json(),
+                 "hf_source": self.model.hf_source}
         checkpoint.save(self.ckpt_root, step, self.model, self.optimizer, state)
 
     # ---------------------------------------------------------------- the loop
@@ -221,14 +223,15 @@ class RLStage:
                      progress=recipe.logging.progress, active=stage_setup.is_logging_rank())
         log.message(f"rl ({recipe.name}): {len(self.prompts.rows)} prompts, {self.recipe.describe_batch(self.layout)}"
                     + (f"; resumed from {self.resumed_from}" if self.resumed_from else
-                       f"; init {stage_setup.resolve_init(expand(recipe.model.init, self.run_dir))}" if recipe.model.init else ""))
+                       f"; init {resolve_selection(expand(recipe.model.init, self.run_dir))}" if recipe.model.init else ""))
         # A server given by URL (or restarted with a resumed run) serves other weights until told.
         self.engine.push_weights(self.model, start)
         if start == 0:
             log.log({"step": 0, **self.evaluator.run(self.model)}, show=("eval_accuracy",))
         record: dict = {}
         hide = [str(self.run_dir.resolve())]
-        with RewardPool(workers=recipe.reward.workers, timeout_s=recipe.reward.timeout_s, hide=hide) as pool:
+        with RewardPool(workers=recipe.reward.workers, timeout_s=recipe.reward.timeout_s, hide=hide,
+                        float_tolerance=recipe.reward.float_tolerance) as pool:
             for step in range(start + 1, t.steps + 1):
                 t0 = time.perf_counter()
                 segments, fresh, rounds, timeouts = self.gather_segments(pool, version=step - 1)

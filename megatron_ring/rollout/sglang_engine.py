@@ -131,7 +131,8 @@ class SGLangEngine(RolloutEngine):
 
             if _rank() == 0 and weights_dir.exists():
                 shutil.rmtree(weights_dir)
-            export_hf(model, weights_dir, torch.bfloat16)
+            # The server reads its tokenizer from the model directory: the trainer's goes with it.
+            export_hf(model, weights_dir, torch.bfloat16, source=tokenizer.path)
             engine = cls.launch(weights_dir, run_dir, extra_args=ro.server_args,
                                 ready_timeout_s=ro.ready_timeout_s, **kwargs)
         if ro.weight_sync == "distributed":

@@ -15,7 +15,7 @@ from megatron_ring.data.rl_prompts import PromptRow
 from megatron_ring.inference.sampling import generate
 from megatron_ring.rollout.base import SamplingParams
 from megatron_ring.rewards.code_reward import configure_sandbox
-from megatron_ring.rewards.reward_pool import REWARD_FNS
+from megatron_ring.rewards.reward_pool import REWARD_FNS, verdict
 
 
 def evaluate(model, tokenizer, prompts: list[PromptRow], samples_per_prompt: int, params: SamplingParams,
@@ -36,7 +36,7 @@ def evaluate(model, tokenizer, prompts: list[PromptRow], samples_per_prompt: int
         sums["tokens"] += len(sample.tokens)
         sums["responses"] += 1
         sums[f"{row.domain}_n"] += 1  # the same verifiers as the RL rewards (code: the sandbox)
-        sums[f"{row.domain}_correct"] += REWARD_FNS[row.domain](tokenizer.decode(sample.tokens), row.row)
+        sums[f"{row.domain}_correct"] += verdict(REWARD_FNS[row.domain](tokenizer.decode(sample.tokens), row.row))[0]
     names = ["entropy", "tokens", "responses"] + [f"{d}_{k}" for d in domains for k in ("n", "correct")]
     totals = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device())
     dist.all_reduce(totals, group=ps.get_data_parallel_group())

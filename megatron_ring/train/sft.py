@@ -66,7 +66,8 @@ def run(recipe, run_dir: str | Path) -> dict:
     def save(step):
         # Step 0 has no optimizer state yet; it is the baseline for `select`, never resumed from.
         state = {"stage": "distill", "epoch": schedule.epoch_of(step), "epoch_end": schedule.is_epoch_end(step),
-                 "rows": len(rows), "steps_per_epoch": schedule.steps_per_epoch, "scheduler": scheduler.state_dict()}
+                 "rows": len(rows), "steps_per_epoch": schedule.steps_per_epoch, "scheduler": scheduler.state_dict(),
+                 "hf_source": model.hf_source}
         checkpoint.save(ckpt_root, step, model, optimizer if step else None, state)
 
     start = 0

@@ -4,7 +4,6 @@ generated when the recipe asks for it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,9 +13,7 @@ from megatron_ring.data.chat_tokenizer import ChatTokenizer
 from megatron_ring.models.builder import build_model
 from megatron_ring.recipe import RecipeError, dump
 from megatron_ring.recipe.schema import expand
-
-# Architecture fields a recipe may change on top of the weights it starts from.
-_OVERRIDABLE = {"rope_theta", "max_position_embeddings", "norm_head"}
+from megatron_ring.train.init_source import init_source
 
 
 def is_logging_rank() -> bool:
@@ -66,46 +63,22 @@ def params_dtype(recipe) -> torch.dtype:
     return torch.bfloat16 if want == "bf16" else torch.float32
 
 
-def resolve_init(source: str) -> str:
-    """model.init may name a distillation run's selection.json: the checkpoint `select` chose
-    (how a pipeline's first RL stage, rendered before the choice exists, finds it)."""
-    if Path(source).name != "selection.json":
-        return source
-    if not Path(source).is_file():
-        raise RecipeError(f"model.init: {source} does not exist (run `megatron-ring select` on that run first)")
-    chosen = json.loads(Path(source).read_text()).get("chosen")
-    if not chosen:
-        raise RecipeError(f"model.init: {source} names no chosen checkpoint")
-    return chosen
-
-
 def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
     """The model of the recipe, with the weights of model.init (HF directory or checkpoint).
-    The source is checked either way; its weights are read only when load_init (a resumed run
-    reads its own checkpoint instead)."""
-    from megatron_ring.models.hf_checkpoint import HFReader
+    The source is checked either way (init_source, as the launcher did); its weights are read
+    only when load_init (a resumed run reads its own checkpoint instead). model.hf_source is the
+    HF directory the weights descend from (None: unknown), which the stage's checkpoints record."""
     from megatron_ring.models.weights import load_hf
     from megatron_ring.train import checkpoint
 
+    init = init_source(recipe, run_dir)
     arch = recipe.model.arch()
-    source = resolve_init(expand(recipe.model.init, run_dir)) if recipe.model.init else None
-    reader = None
-    if source:
-        if (Path(source) / "config.json").is_file():
-            reader = HFReader(source)
-            init_arch = reader.arch
-        else:
-            source = str(checkpoint.latest(source) or source)
-            init_arch = checkpoint.saved_arch(source)
-        diff = [k for k, v in vars(init_arch).items() if k not in _OVERRIDABLE and getattr(arch, k) != v]
-        if diff:
-            raise RecipeError(f"model.init: {source} is not a {recipe.model.preset} model (differs in {diff})")
     model = build_model(arch, layout, params_dtype=params_dtype(recipe),
                         aux_loss_coeff=recipe.model.aux_loss_coeff, z_loss_coeff=recipe.model.z_loss_coeff)
-    if reader is not None:
-        reader.validate(arch)
-        if load_init:
-            load_hf(model, reader)
-    elif source and load_init:
-        checkpoint.load(source, model, arch_check=False)
+    model.hf_source = init.hf_source if init else None
+    if init is not None and load_init:
+        if init.reader is not None:
+            load_hf(model, init.reader)
+        else:
+            checkpoint.load(init.path, model, arch_check=False)
     return model
