@@ -147,24 +147,34 @@ def host_output(program: str) -> str:
                           timeout=60, cwd="/").stdout
 
 
-def find_secrets(prefix: str, roots, stop_at: int) -> str:
-    """A program that walks the filesystem (bounded) for *.jsonl and prints the secrets it read."""
+def _secret_reader(prefix: str) -> str:
+    """The start of a hostile program: grab(path) collects the secrets of a readable *.jsonl."""
     return f"""
 import os
-found, budget = set(), 20000
+found = set()
+def grab(path):
+    if not path.endswith(".jsonl"):
+        return
+    try:
+        with open(path) as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return
+    found.update(w for w in text.replace('"', " ").split() if w.startswith({prefix!r}))
+"""
+
+
+def find_secrets(prefix: str, roots, stop_at: int) -> str:
+    """A program that walks the filesystem (bounded) for *.jsonl and prints the secrets it read."""
+    return _secret_reader(prefix) + f"""
+budget = 20000
 for top in {[str(r) for r in roots]!r}:
     for here, dirs, files in os.walk(top):
         budget -= 1
         dirs[:] = [] if budget < 0 or len(found) >= {stop_at} or here.count("/") > 7 else [
             d for d in dirs if not d.startswith(".") and os.path.join(here, d) not in ("/proc", "/sys")]
         for name in files:
-            if name.endswith(".jsonl"):
-                try:
-                    with open(os.path.join(here, name)) as f:
-                        text = f.read(1 << 16)
-                except OSError:
-                    continue
-                found.update(w for w in text.replace('"', " ").split() if w.startswith({prefix!r}))
+            grab(os.path.join(here, name))
 print("\\n".join(sorted(found)))
 """
 
@@ -172,9 +182,8 @@ print("\\n".join(sorted(found)))
 def mountinfo_siblings(prefix: str) -> str:
     """A program that reads /proc/self/mountinfo and then the data files next to every path it
     names (a hidden run directory's sibling data sets), printing the secrets it read."""
-    return f"""
-import os
-found, seen = set(), set()
+    return _secret_reader(prefix) + """
+seen = set()
 for line in open("/proc/self/mountinfo"):
     fields = line.split()
     for path in (fields[3], fields[4]):
@@ -191,14 +200,7 @@ for line in open("/proc/self/mountinfo"):
                 if here.count("/") - sub.count("/") >= 3:
                     dirs[:] = []
                 for name in files:
-                    if not name.endswith(".jsonl"):
-                        continue
-                    try:
-                        with open(os.path.join(here, name)) as f:
-                            text = f.read(1 << 16)
-                    except OSError:
-                        continue
-                    found.update(w for w in text.replace('"', " ").split() if w.startswith({prefix!r}))
+                    grab(os.path.join(here, name))
 print("\\n".join(sorted(found)))
 """
 
