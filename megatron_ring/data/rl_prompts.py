@@ -20,7 +20,6 @@ class PromptRow:
     domain: str
     prompt: str
     answer: str | None = None
-    tests: list[dict] = field(default_factory=list)
     row: dict = field(default_factory=dict)  # the whole row, for verifiers that need more fields
     source: str = ""
 
@@ -39,13 +38,13 @@ def parse_prompt_row(row, source: str = "") -> PromptRow:
         raise ValueError("missing or empty 'prompt'")
     if domain == "code":
         code_tests(row)  # ValueError naming the key when its tests cannot run
-        return PromptRow(domain, prompt, None, row.get("code_test_cases") or [], row, source)
+        return PromptRow(domain, prompt, None, row, source)
     answer = row.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise ValueError("missing or empty 'answer'")
-    return PromptRow(domain, prompt, answer.strip(), [], row, source)
+    return PromptRow(domain, prompt, answer.strip(), row, source)
 
 
 def read_rl_prompts(path: str, on_bad: str = "fail", show: int = 5) -> tuple[list[PromptRow], RowReport]:
