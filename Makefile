@@ -7,7 +7,7 @@ RECIPES := $(wildcard recipes/tiny/*.yaml recipes/ling_lite/*.yaml)
 # CUDA machines keep their own torch; everywhere else pin the local CPU build.
 EXTRAS := $(shell nvidia-smi >/dev/null 2>&1 && echo test || echo cpu,test)
 
-.PHONY: install demo recipes submit docker test clean
+.PHONY: install demo recipes submit docker test test-fast clean
 
 install: $(STAMP)
 
@@ -37,8 +37,13 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' megatron_ring/__init_
 docker:
 	docker build --build-arg NGC_TAG=$$($(PYTHON) megatron_ring/versions.py ngc-tag) -f docker/Dockerfile -t megatron-ring:$(VERSION) .
 
+# Everything (what CI runs, .ci/run): end-to-end pipeline, SLURM and docker image tests included.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# Unit tests and the 2-process equivalence tests: the tests marked slow (tests/conftest.py) left out.
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs build .pytest_cache

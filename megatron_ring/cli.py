@@ -1,12 +1,21 @@
-"""`megatron-ring`: the command line. Multi-process commands re-launch themselves under torchrun."""
+"""`megatron-ring`: the command line. Multi-process commands re-launch themselves under torchrun.
+
+Each command imports what it needs inside itself (torch and Megatron take seconds to import), so
+`megatron-ring --help`, `slurm` and errors in a recipe or its inputs answer without waiting for them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 if __name__ in ("__main__", "__mp_main__"):  # a torchrun worker, or a child a worker spawned
     from megatron_ring.platform.parent_death import tie_to_job
@@ -19,10 +28,6 @@ def _relaunch(args, nproc: int | None = None, log_root: str | None = None) -> in
     the first error line, when a worker fails). Every rank's output goes to
     LOG_ROOT/<command>-<time>-<pid>/ (without log_root: a temporary directory, kept only when
     the command fails)."""
-    import shutil
-    import tempfile
-    import time
-
     from megatron_ring.platform.distributed import torchrun
 
     if log_root:
@@ -74,8 +79,6 @@ def _export_source(args) -> tuple[str | None, str]:
     """megatron-to-hf: the directory whose tokenizer, generation config and modeling code the
     export carries (--source, else the HF directory the checkpoint records) and the dtype
     (--dtype, else that directory's torch_dtype, else bfloat16). Checked before torchrun."""
-    from pathlib import Path
-
     from megatron_ring.models.hf_config import source_dtype
     from megatron_ring.train import checkpoint
     from megatron_ring.train.init_source import recorded_hf_source
@@ -172,8 +175,6 @@ def _stage_command(args, stage: str, module: str) -> int:
             if "SLURM_JOB_ID" not in os.environ:  # under SLURM the batch script owns the request
                 preemption.request_path(run_dir).unlink(missing_ok=True)
             return _relaunch(args, nproc, log_root=os.path.join(run_dir, "logs"))
-    import importlib
-
     from megatron_ring.platform import run_lock
 
     run_lock.claim_in_worker(run_dir)  # torchrun started directly (SLURM): rank 0 holds the lock
@@ -186,11 +187,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    return _stage_command(args, "rl", "megatron_ring.rl.rl_stage")
+    return _stage_command(args, "rl", "megatron_ring.rl.loop")
 
 
 def cmd_run(args) -> int:
-    from megatron_ring.rl.pipeline import run_pipeline
+    from megatron_ring.pipeline.stages import run_pipeline
 
     return run_pipeline(args.recipe, args.run_dir, args.overrides)
 
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     from megatron_ring.platform.known_warnings import quiet_known_warnings
 
     quiet_known_warnings()
-    p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
+    p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__.partition("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     mi = sub.add_parser("model-info", help="parameter counts of a preset, from the Megatron model on meta")

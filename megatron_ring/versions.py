@@ -5,6 +5,8 @@ installed) and docker/Dockerfile runs it as a script, so the development install
 cannot drift apart. `python megatron_ring/versions.py` lists what the image asks of it.
 """
 
+import importlib.metadata as md
+import json
 import sys
 
 MEGATRON_CORE = "megatron-core==0.16.1"
@@ -76,9 +78,6 @@ def pin(name: str) -> str:
 
 def _installed(name: str):
     """The installed version of a distribution (for apex: the commit pip built), or None."""
-    import importlib.metadata as md
-    import json
-
     try:
         dist = md.distribution(name)
     except md.PackageNotFoundError:

@@ -15,6 +15,11 @@ from megatron_ring.models.presets import get_preset  # noqa: E402
 from megatron_ring.platform.distributed import torchrun  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end to end (the CLI pipeline, SLURM, the docker image); "
+                                       "`make test` runs them, `make test-fast` (-m 'not slow') does not")
+
+
 def write_random_hf(path: Path, arch, seed: int = 0) -> Path:
     """A random HF-format Ling checkpoint (fp32). Weights are large enough that routing and
     attention are far from uniform, so layout mistakes change the numbers."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ring.data.demo_tasks import CODE_KINDS
-from megatron_ring.rewards.code_reward import run_tests
+from megatron_ring.rewards.code_reward import CodeRewardSettings, run_tests
 from megatron_ring.rewards.sandbox import SANDBOX_UID, SandboxLimits, run_job
 from megatron_ring.rewards.sandbox_cgroup import PREFIX
 
@@ -82,10 +82,10 @@ def host_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def attack(program: str, expected: str = "done\n", **kwargs):
+def attack(program: str, expected: str = "done\n", limits: SandboxLimits = FAST, hide=()):
     """Run a hostile program whose test expects what it prints when the attack works."""
     start = time.monotonic()
-    result = run_tests(program, [{"input": "", "output": expected}], **{"limits": FAST, **kwargs})
+    result = run_tests(program, [{"input": "", "output": expected}], CodeRewardSettings(hide, limits))
     return result, time.monotonic() - start
 
 

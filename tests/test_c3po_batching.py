@@ -65,7 +65,7 @@ def test_rank_balance_equal_micro_batch_counts_and_every_segment_once(seed):
     rng = random.Random(seed)
     segs = [Segment(make(i, rng.randint(1, 50))) for i in range(rng.randint(1, 30))]
     dp, mb = rng.choice([1, 2, 4]), rng.choice([1, 2, 3])
-    plan = rank_balance.plan([segs], dp, mb)
+    plan = rank_balance.plan([segs], dp, mb, per_rank=False)
     assert len(plan) == dp and len({len(p) for p in plan}) == 1
     flat = [s for p in plan for m in p for s in m]
     assert sorted(s.response.uid for s in flat) == sorted(s.response.uid for s in segs)
@@ -80,7 +80,7 @@ def test_rank_balance_equal_micro_batch_counts_and_every_segment_once(seed):
 def test_per_rank_buckets_stay_on_their_rank():
     segs = [Segment(make(i, 10)) for i in range(6)]
     buckets, _ = fill_buckets(segs, 25, 2)
-    plan = rank_balance.plan(buckets, 2, 2)
+    plan = rank_balance.plan(buckets, 2, 2, per_rank=True)
     assert [tokens_of([s for m in p for s in m]) for p in plan] == [25, 25]
 
 
@@ -107,6 +107,8 @@ def test_truncated_importance_weights():
     b.old_logp = b.rollout_logp.clone()
     b.old_logp[0, 1] += 5.0  # trainer much likelier than the sampler: capped
     b.old_logp[0, 2] -= 1.0
-    rl_batch.truncate_importance(b, cap=2.0)
-    assert torch.allclose(b.weights[0, 1:4], torch.tensor([2.0, torch.exp(torch.tensor(-1.0)).item(), 1.0]))
-    assert b.weights[0, 0] == 0
+    before = b.weights.clone()
+    out = rl_batch.truncate_importance(b, cap=2.0)
+    assert torch.allclose(out.weights[0, 1:4], torch.tensor([2.0, torch.exp(torch.tensor(-1.0)).item(), 1.0]))
+    assert out.weights[0, 0] == 0
+    assert torch.equal(b.weights, before)  # a new batch: the input is left as it was

@@ -28,6 +28,7 @@ def faults(tmp_path_factory):
     return root, json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.mark.slow  # the fault worker builds and saves a model
 def test_full_disk_save_removes_its_tmp_and_says_so(faults):
     root, out = faults
     assert out["saved"] == ["iter_0000001", "iter_0000002", "latest"]
@@ -39,6 +40,7 @@ def test_full_disk_save_removes_its_tmp_and_says_so(faults):
     assert out["latest"] == "iter_0000002" and out["complete"] == ["iter_0000001", "iter_0000002"]
 
 
+@pytest.mark.slow  # the fault worker builds and saves a model
 def test_unreadable_checkpoint_names_path_cause_and_previous(faults):
     root, out = faults
     garbled = root.parent / "garbled"
@@ -121,6 +123,7 @@ def test_truncated_file_is_named_at_load(ckpts, name):
         checkpoint.latest(ckpts)
 
 
+@pytest.mark.slow  # the fault worker builds and saves a model
 def test_distill_refuses_a_damaged_latest_and_touches_nothing(tmp_path, faults):
     """`latest` names a missing directory (the reproduced case; the other damages take the same
     path): the launcher stops before torchrun, and the run directory is left as it was."""

@@ -1,17 +1,19 @@
 """The code reward: programs extracted from responses (in linear time) and judged on their tests in the
-sandbox, in the three forms (stdin/stdout, function calls, unit tests); rows that cannot run refused
-when read."""
+sandbox, in the three forms (stdin/stdout, function calls, unit tests). Rows that cannot run are
+refused when read: tests/test_code_tests.py."""
 
-import json
 import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from megatron_ring.data.rl_prompts import read_rl_prompts
-from megatron_ring.rewards.code_reward import _fenced_blocks, check_code, extract_program, run_tests, score_code
-from megatron_ring.rewards.code_tests import same_value
+from megatron_ring.rewards.code_judge import same_value
+from megatron_ring.rewards.code_reward import (CodeRewardSettings, _fenced_blocks, check_code, extract_program,
+                                               run_tests, score_code)
 from tests.sandbox_fixtures import demo_code_tasks, needs_bwrap
+from tests.test_code_tests import HUMANEVAL, MBPP
+
+SETTINGS = CodeRewardSettings()
 
 
 def test_extract_program():
@@ -27,7 +29,7 @@ def test_every_demo_teacher_program_scores_one():
     tasks = demo_code_tasks()
     assert {t["test_type"] for t in tasks} == {"stdio", "function"} and len(tasks) == 33
     with ThreadPoolExecutor(2) as threads:
-        results = list(threads.map(lambda t: check_code(t["solution"], t), tasks))
+        results = list(threads.map(lambda t: check_code(t["solution"], t, SETTINGS), tasks))
     for task, result in zip(tasks, results):
         assert result.all_passed and result.passed == result.total == 3, (task["prompt"], result)
 
@@ -36,17 +38,17 @@ def test_every_demo_teacher_program_scores_one():
 def test_wrong_programs_score_zero():
     stdio = {"code_test_cases": [{"input": "2 3\n", "output": "5\n"}, {"input": "4 4\n", "output": "8\n"}],
              "test_type": "stdio", "code_language": "python"}
-    assert score_code("```python\na, b = map(int, input().split())\nprint(a + b)  \n```", stdio) == 1.0
-    wrong = check_code("```python\na, b = map(int, input().split())\nprint(a * b)\n```", stdio)
+    assert score_code("```python\na, b = map(int, input().split())\nprint(a + b)  \n```", stdio, SETTINGS) == 1.0
+    wrong = check_code("```python\na, b = map(int, input().split())\nprint(a * b)\n```", stdio, SETTINGS)
     assert (wrong.all_passed, wrong.passed) == (False, 0) and "wrong output '6" in wrong.error
-    half = check_code("```python\na, b = map(int, input().split())\nprint(8 if a == 4 else 6)\n```", stdio)
+    half = check_code("```python\na, b = map(int, input().split())\nprint(8 if a == 4 else 6)\n```", stdio, SETTINGS)
     assert (half.passed, half.total) == (0, 2)
-    raises = check_code("```python\nraise ValueError('nope')\n```", stdio)
+    raises = check_code("```python\nraise ValueError('nope')\n```", stdio, SETTINGS)
     assert not raises.all_passed and "ValueError: nope" in raises.error
-    assert "no ``` code block" in check_code("print(5)", stdio).error
-    cpp = check_code("```cpp\nint main(){}\n```", {**stdio, "code_language": "cpp"})
+    assert "no ``` code block" in check_code("print(5)", stdio, SETTINGS).error
+    cpp = check_code("```cpp\nint main(){}\n```", {**stdio, "code_language": "cpp"}, SETTINGS)
     assert not cpp.all_passed and "not supported" in cpp.error
-    assert not run_tests("print(1)", []).all_passed
+    assert not run_tests("print(1)", [], SETTINGS).all_passed
 
 
 @needs_bwrap
@@ -55,15 +57,15 @@ def test_function_call_tests():
                                {"input": "[[], 5]", "output": "[]"}],
            "test_type": "function", "fn_name": "scale", "code_language": "python"}
     prints = "```python\ndef scale(xs, k):\n    print('debug')\n    return [k * x for x in xs]\n```"
-    assert score_code(prints, row) == 1.0  # its prints do not mix with the result
-    assert score_code("```python\ndef scale(xs, k):\n    return tuple(k * x for x in xs)\n```", row) == 1.0
+    assert score_code(prints, row, SETTINGS) == 1.0  # its prints do not mix with the result
+    assert score_code("```python\ndef scale(xs, k):\n    return tuple(k * x for x in xs)\n```", row, SETTINGS) == 1.0
     method = "```python\nclass Solution:\n    def scale(self, xs, k):\n        return [k * x for x in xs]\n```"
-    assert score_code(method, row) == 1.0  # LeetCode style
-    wrong = check_code("```python\ndef scale(xs, k):\n    return xs\n```", row)
+    assert score_code(method, row, SETTINGS) == 1.0  # LeetCode style
+    wrong = check_code("```python\ndef scale(xs, k):\n    return xs\n```", row, SETTINGS)
     assert not wrong.all_passed and "wrong result" in wrong.error
-    missing = check_code("```python\ndef other(xs, k):\n    return xs\n```", row)
+    missing = check_code("```python\ndef other(xs, k):\n    return xs\n```", row, SETTINGS)
     assert not missing.all_passed and "no function 'scale'" in missing.error
-    unserializable = check_code("```python\ndef scale(xs, k):\n    return {1, 2}\n```", row)
+    unserializable = check_code("```python\ndef scale(xs, k):\n    return {1, 2}\n```", row, SETTINGS)
     assert not unserializable.all_passed and "TypeError" in unserializable.error
 
 
@@ -95,12 +97,6 @@ def test_extraction_is_linear_on_pathological_responses():
 
 # ---------------------------------------------------------------- unit tests (HumanEval, MBPP)
 
-HUMANEVAL = {"domain": "code", "prompt": "Write add(a, b).", "entry_point": "add",
-             "test": "METADATA = {}\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n"
-                     "    assert candidate(-1, 1) == 0\n"}
-MBPP = {"domain": "code", "prompt": "Write hyp(a, b).", "test_imports": ["import math"],
-        "test_setup_code": "EPS = 1e-9",
-        "test_list": ["assert hyp(3, 4) == 5.0", "assert math.isclose(hyp(1, 1), 2 ** 0.5, abs_tol=EPS)"]}
 
 
 def code(program: str) -> str:
@@ -109,17 +105,17 @@ def code(program: str) -> str:
 
 @needs_bwrap
 def test_unit_tests_humaneval_and_mbpp_forms():
-    assert check_code(code("def add(a, b):\n    print('noise')\n    return a + b"), HUMANEVAL).all_passed
-    wrong = check_code(code("def add(a, b):\n    return a * b"), HUMANEVAL)
+    assert check_code(code("def add(a, b):\n    print('noise')\n    return a + b"), HUMANEVAL, SETTINGS).all_passed
+    wrong = check_code(code("def add(a, b):\n    return a * b"), HUMANEVAL, SETTINGS)
     assert not wrong.all_passed and (wrong.passed, wrong.total) == (0, 1)
     assert "test line 4 failed: assert candidate(2, 3) == 5 (AssertionError)" in wrong.error
-    missing = check_code(code("def plus(a, b):\n    return a + b"), HUMANEVAL)
+    missing = check_code(code("def plus(a, b):\n    return a + b"), HUMANEVAL, SETTINGS)
     assert "NameError: name 'add' is not defined" in missing.error
-    assert check_code(code("import math\ndef hyp(a, b):\n    return math.hypot(a, b)"), MBPP).all_passed
-    crashes = check_code(code("def hyp(a, b):\n    return (a * a + b * b) ** 0.5 if a > 1 else 1 / 0"), MBPP)
+    assert check_code(code("import math\ndef hyp(a, b):\n    return math.hypot(a, b)"), MBPP, SETTINGS).all_passed
+    crashes = check_code(code("def hyp(a, b):\n    return (a * a + b * b) ** 0.5 if a > 1 else 1 / 0"), MBPP, SETTINGS)
     assert "test line 4 failed: assert math.isclose" in crashes.error and "ZeroDivisionError" in crashes.error
     # test_type "unit" declared, code_test_cases not needed; stdio rows are still stdio.
-    assert check_code(code("def add(a, b):\n    return a + b"), {**HUMANEVAL, "test_type": "unit"}).all_passed
+    assert check_code(code("def add(a, b):\n    return a + b"), {**HUMANEVAL, "test_type": "unit"}, SETTINGS).all_passed
 
 
 @needs_bwrap
@@ -138,9 +134,9 @@ def test_unit_tests_pass_only_when_they_ran():
                                   "def add(a, b):\n    return found[(a, b)]"),
     }
     for name, program in hacks.items():
-        result = check_code(code(program), HUMANEVAL)
+        result = check_code(code(program), HUMANEVAL, SETTINGS)
         assert not result.all_passed, (name, result)
-    assert "did not finish" in check_code(code(hacks["exits before the tests"]), HUMANEVAL).error
+    assert "did not finish" in check_code(code(hacks["exits before the tests"]), HUMANEVAL, SETTINGS).error
 
 
 # ---------------------------------------------------------------- function results by type
@@ -162,46 +158,13 @@ def test_function_results_compared_by_type():
     row = {"domain": "code", "prompt": "p", "test_type": "function", "fn_name": "f",
            "code_test_cases": [{"input": "[3]", "output": "true"}, {"input": "[4]", "output": "0.5"}]}
     right = "def f(x):\n    return True if x == 3 else 0.5"
-    assert check_code(code(right), row).all_passed
-    as_int = check_code(code("def f(x):\n    return 1 if x == 3 else 0.5"), row)
+    assert check_code(code(right), row, SETTINGS).all_passed
+    as_int = check_code(code("def f(x):\n    return 1 if x == 3 else 0.5"), row, SETTINGS)
     assert not as_int.all_passed and as_int.error == "case 0: wrong result '1'"
     near = code("def f(x):\n    return True if x == 3 else 0.5 + 1e-7")
-    assert not check_code(near, row).all_passed
-    assert check_code(near, {**row, "float_tolerance": 1e-6}).all_passed
-
-
-# ---------------------------------------------------------------- rows refused when read
-
-def test_code_rows_that_cannot_run_are_refused_when_read(tmp_path):
-    stdio = {"domain": "code", "prompt": "p", "code_test_cases": [{"input": "1\n", "output": "1\n"}]}
-    rows = [
-        HUMANEVAL, MBPP, stdio, {**stdio, "test_type": "stdio"},
-        {**stdio, "test_type": "assert"},
-        {**stdio, "test_type": "function"},
-        {**stdio, "test_type": "function", "fn_name": "f", "float_tolerance": -1},
-        {**stdio, "float_tolerance": 0.1},
-        {**stdio, "code_language": "cpp"},
-        {**HUMANEVAL, "test_list": ["assert True"]},
-        {**HUMANEVAL, "entry_point": "not a name"},
-        {**HUMANEVAL, "test": "def check(candidate):\n    assert candidate(1 == 1\n"},
-        {**MBPP, "test_list": []},
-        {**MBPP, "test_imports": "import math"},
-        {"domain": "code", "prompt": "p", "test_type": "unit"},
-    ]
-    f = tmp_path / "rl.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    kept, report = read_rl_prompts(str(f), on_bad="skip", show=20)
-    assert len(kept) == 4 and report.n_bad == len(rows) - 4
-    expected = ["'test_type' must be one of ['stdio', 'function', 'unit'], got 'assert'",
-                "'fn_name' must name the function",
-                "'float_tolerance' must be a number >= 0, got -1",
-                "'float_tolerance' applies to function results only",
-                "'code_language' 'cpp' is not supported",
-                "exactly one of them",
-                "'entry_point' must name the function under test, got 'not a name'",
-                "the test source does not compile",
-                "'test_list' must be a non-empty list of assert statements",
-                "'test_imports' must be a list of strings",
-                "exactly one of them"]
-    for line, (where, text) in enumerate(zip(report.first, expected), start=5):
-        assert where.startswith(f"{f}:{line}: ") and text in where, (where, text)
+    assert not check_code(near, row, SETTINGS).all_passed
+    assert check_code(near, {**row, "float_tolerance": 1e-6}, SETTINGS).all_passed
+    # the caller's tolerance, for rows without their own, given with each call: no process state
+    loose = CodeRewardSettings(float_tolerance=1e-6)
+    assert check_code(near, row, loose).all_passed and not check_code(near, row, SETTINGS).all_passed
+    assert not check_code(near, {**row, "float_tolerance": 0}, loose).all_passed  # the row's own wins

@@ -46,6 +46,7 @@ def test_gated_shards_split_gate_and_up_separately():
     assert torch.equal(conv.unshard(pieces, s), full)
 
 
+@pytest.mark.slow  # `megatron-ring convert` end to end under torchrun
 def test_roundtrip_through_tp2_ep2_is_bit_exact_and_loads_like_its_source(tmp_path, tiny_arch):
     """A hub-style source (remote code, auto_map, tokenizer, float32) -> Megatron at TP2/EP2 ->
     HF with no --source or --dtype: the same tensors, and the export loads the way a user loads
@@ -134,6 +135,7 @@ def test_the_hf_source_follows_model_init_through_checkpoints(tmp_path, tiny_hf,
     assert recorded_hf_source(scratch) is None and init_source(load_recipe(recipe), tmp_path) is None
 
 
+@pytest.mark.slow  # `megatron-ring convert` end to end under torchrun
 def test_checkpoint_saved_at_tp2_ep2_loads_at_tp1_ep1(tiny_hf, tmp_path):
     meg = tmp_path / "meg"
     assert cli("convert", "hf-to-megatron", tiny_hf, meg, "--tp", 2, "--ep", 2).returncode == 0

@@ -14,9 +14,11 @@ import pytest
 from math_verify import parse, verify
 from tokenizers import Tokenizer
 
+from megatron_ring.data.chat_tokenizer import ChatTokenizer
 from megatron_ring.data.demo_data import (draw, ensure_demo_data, generate, load_manifest, row_prompt,
                                           sft_token_lengths, write_demo_data)
 from megatron_ring.data.demo_tokenizer import CHAT_TEMPLATE, render_chat
+from megatron_ring.data.sft_rows import read_sft_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_FILES = ("rl_math.jsonl", "rl_code_science.jsonl", "rl_heldout.jsonl", "rl_eval.jsonl")
@@ -290,11 +292,9 @@ def test_chat_template_renders_ling_style(demo):
 
 def test_sft_rows_read_by_the_chat_tokenizer(demo):
     """The training-side reader (another module) accepts every row within the 192-token limit."""
-    chat_tokenizer = pytest.importorskip("megatron_ring.data.chat_tokenizer")
-    sft_rows = pytest.importorskip("megatron_ring.data.sft_rows")
-    tok = chat_tokenizer.ChatTokenizer(demo / "tokenizer")
+    tok = ChatTokenizer(demo / "tokenizer")
     assert tok.eos_id == tok.pad_id == 1
-    examples, report = sft_rows.read_sft_rows([str(demo / "sft_heldout.jsonl")], tok, 192)
+    examples, report = read_sft_rows([str(demo / "sft_heldout.jsonl")], tok, 192)
     assert report.kept == report.total == len(rows(demo, "sft_heldout.jsonl"))
     assert all(e.ids[-1] == 1 and e.loss_mask[-1] == 1 for e in examples)
 

@@ -13,6 +13,7 @@ import pytest
 from megatron_ring.data.demo_data import write_demo_data
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: `make test` only, not `make test-fast`
 SMALL = dict(n_sft=120, n_rl_math=8, n_rl_code_science=8, n_heldout=8, n_sft_heldout=8, n_eval=8)
 FIELDS = {"stage", "step", "loss", "entropy", "grad_norm", "lr", "tokens", "step_time_s"}
 

@@ -21,6 +21,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 VERSIONS_PY = ROOT / "megatron_ring" / "versions.py"
+pytestmark = pytest.mark.slow  # the docker image: `make test` only
 V = runpy.run_path(str(VERSIONS_PY))
 
 KEYWORDS = {"ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",

@@ -144,12 +144,50 @@ def test_bf16_inputs():
 def test_logprob_entropy_keeps_no_graph():
     case = make_case(seed=5)
     hidden = case["hidden"].requires_grad_(True)
-    logp, entropy = logprob_entropy(hidden, case["weight"], case["targets"], temperature=0.8,
-                                    true_vocab_size=TRUE_V, chunk_tokens=5, chunk_vocab=50, impl="torch")
+    with torch.no_grad():
+        logp, entropy = logprob_entropy(hidden, case["weight"], case["targets"], temperature=0.8,
+                                        true_vocab_size=TRUE_V, chunk_tokens=5, chunk_vocab=50, impl="torch")
     want = case_reference(case)
     assert logp.grad_fn is None and not logp.requires_grad and logp.dtype == torch.float32
     torch.testing.assert_close(logp.double(), want["logp"], rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(entropy.double(), want["entropy"], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.3], ids=["logp_only", "with_entropy"])
+def test_logprob_entropy_gradients_match_reference(entropy_coef):
+    """The op on its own (what the SFT loss uses): -sum(logp * mask) (+ c * sum(entropy * mask))
+    has the gradients of the fp64 full-logits definition, for hidden and weight; masked rows
+    may hold targets outside the vocabulary."""
+    case = make_case(seed=7)
+    mask = case["loss_mask"]
+    targets = torch.where(mask != 0, case["targets"], torch.full_like(case["targets"], -100))
+    h = case["hidden"].clone().requires_grad_(True)
+    w = case["weight"].clone().requires_grad_(True)
+    logp, entropy = logprob_entropy(h, w, targets, temperature=0.8, true_vocab_size=TRUE_V, loss_mask=mask,
+                                    chunk_tokens=7, chunk_vocab=64, impl="torch")
+    (-(logp * mask).sum() + entropy_coef * (entropy * mask).sum()).backward()
+    hd, wd = case["hidden"].double().requires_grad_(True), case["weight"].double().requires_grad_(True)
+    all_logp = torch.log_softmax(hd @ wd[:TRUE_V].T / 0.8, dim=-1)
+    want_logp = all_logp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    want_entropy = -(all_logp.exp() * all_logp).sum(-1)
+    (-(want_logp * mask.double()).sum() + entropy_coef * (want_entropy * mask.double()).sum()).backward()
+    live = mask != 0
+    torch.testing.assert_close(logp.detach().double()[live], want_logp.detach()[live], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(entropy.detach().double(), want_entropy.detach(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=2e-5, atol=2e-6)
+    assert torch.equal(w.grad[TRUE_V:], torch.zeros_like(w.grad[TRUE_V:]))  # padding rows
+
+
+def test_fused_c3po_loss_is_logprob_entropy_plus_objective():
+    """fused_c3po_loss builds on the public op: the same logp/entropy bit for bit."""
+    case = make_case(seed=8)
+    got = run_fused(case, chunk_tokens=7, chunk_vocab=64)
+    with torch.no_grad():
+        logp, entropy = logprob_entropy(case["hidden"], case["weight"], case["targets"],
+                                        temperature=KNOBS["temperature"], true_vocab_size=TRUE_V,
+                                        chunk_tokens=7, chunk_vocab=64, impl="torch")
+    assert torch.equal(got["logp"], logp) and torch.equal(got["entropy"], entropy)
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -205,6 +243,7 @@ def test_triton_on_cpu_without_interpreter_is_refused():
                         case["loss_mask"], **dict(KNOBS, true_vocab_size=TRUE_V, impl="triton"))
 
 
+@pytest.mark.slow  # the GPU kernels under the interpreter; the CPU path is the torch backend
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
 def test_triton_kernels_interpreted_match_reference(tmp_path):
     from tests.workers.fused_loss_triton import CASES
@@ -272,9 +311,10 @@ def run_fused_on(case, true_vocab: int, device, impl: str, **kw):
     out = fused_c3po_loss(hidden, weight, c["targets"], c["advantages"], c["loss_mask"], c["old_logp"],
                           c["ref_logp"], true_vocab_size=true_vocab, impl=impl, **KNOBS, **kw)
     out.loss.backward()
-    fwd_logp, fwd_entropy = logprob_entropy(hidden, weight, c["targets"], temperature=KNOBS["temperature"],
-                                            true_vocab_size=true_vocab, loss_mask=c["loss_mask"],
-                                            impl=impl, **kw)
+    with torch.no_grad():
+        fwd_logp, fwd_entropy = logprob_entropy(hidden, weight, c["targets"], temperature=KNOBS["temperature"],
+                                                true_vocab_size=true_vocab, loss_mask=c["loss_mask"],
+                                                impl=impl, **kw)
     got = dict(loss=out.loss.detach(), logp=out.logp, entropy=out.entropy, ratio=out.ratio, kl=out.kl,
                clip_low=out.clip_low_frac, clip_high=out.clip_high_frac, dh=hidden.grad, dw=weight.grad,
                fwd_logp=fwd_logp, fwd_entropy=fwd_entropy)

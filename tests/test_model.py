@@ -19,6 +19,7 @@ def cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the CLI in a subprocess (imports Megatron)
 def test_ling_lite_counts_from_the_megatron_model():
     r = cli("model-info", "--preset", "ling-lite", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -27,6 +28,7 @@ def test_ling_lite_counts_from_the_megatron_model():
     assert info["active_params"] == pytest.approx(2.75e9, rel=5e-3)
 
 
+@pytest.mark.slow  # the CLI in a subprocess (imports Megatron)
 def test_unknown_preset_is_refused():
     r = cli("model-info", "--preset", "ling-huge")
     assert r.returncode == 2 and "unknown model preset 'ling-huge'" in r.stderr
@@ -95,3 +97,22 @@ def test_norm_head_leaves_padded_vocabulary_rows_out(monkeypatch):
     g = torch.randn(1024, 64, dtype=torch.float64)
     (got * g).sum().backward()
     torch.testing.assert_close(w.grad, g / (w[:1000].detach().norm(dim=0) + 1e-7))
+
+
+@pytest.mark.slow  # a model in a subprocess; the equivalence tests read hidden_states() through every loss
+@pytest.mark.parametrize("norm_head", [False, True], ids=["plain", "norm_head"])
+def test_hidden_states_times_output_weight_are_the_logits(tiny_hf, tiny_hf_normhead, tmp_path, norm_head):
+    """The losses read LingModel.hidden_states() and output_weight() instead of forward()'s
+    logits: forward() must equal hidden_states() @ output_weight().T (causal and packed rows),
+    or a Megatron upgrade that changes GPTModel.forward fails here. Also: the norm_head output
+    layer is built without an RNG draw or a second weight (the same model as without it)."""
+    from tests.conftest import run_workers
+
+    out = tmp_path / "hs.json"
+    run_workers("hidden_states", 1, "--hf", tiny_hf_normhead if norm_head else tiny_hf, "--out", out)
+    r = json.loads(out.read_text())
+    assert r["hidden_shape"][:2] == [48, 2] and r["logit_scale"] > 0.1, r
+    assert max(r["max_abs_diff"].values()) <= 1e-5 * r["logit_scale"], r
+    assert r["norm_head_layer"] == norm_head
+    assert r["same_init_with_norm_head"] and r["rng_same"], r
+    assert r["norm_head_output_params"] == ["output_layer.weight"], r

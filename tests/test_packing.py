@@ -40,6 +40,7 @@ def test_mask_blocks_other_documents_and_the_future():
     assert allowed == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
 
 
+@pytest.mark.slow  # TP2/EP2 model in 2 processes
 def test_packed_documents_do_not_attend_across_through_the_model(tiny_hf, tmp_path):
     out = tmp_path / "packed.json"
     run_workers("packed_forward", 2, "--hf", tiny_hf, "--tp", 2, "--ep", 2, "--out", out)

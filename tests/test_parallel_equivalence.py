@@ -15,7 +15,8 @@ from megatron_ring.models.hf_checkpoint import HFReader
 # < 5e-6 relative; 1e-4 leaves room for BLAS differences and still catches any real mistake
 # (a missing reduction or a mis-sharded tensor gives O(1) errors).
 RTOL = 1e-4
-LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+# tp2ep2 exercises TP, SP and EP at once: `make test-fast` runs it, `make test` every layout.
+LAYOUTS = [pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow), (2, 2)]
 
 
 def _rel(a, b):
@@ -37,7 +38,7 @@ def test_megatron_logits_equal_independent_hf_forward(tiny_hf, reference):
     assert _rel(reference["logits"], expected) < RTOL
 
 
-@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=[f"tp{t}ep{e}" for t, e in LAYOUTS])
+@pytest.mark.parametrize("tp,ep", LAYOUTS, ids=["tp2ep1", "tp1ep2", "tp2ep2"])
 def test_layout_matches_single_process(tiny_hf, reference, tmp_path, tp, ep):
     out = tmp_path / "out.pt"
     run_workers("forward_backward", 2, "--hf", tiny_hf, "--tp", tp, "--ep", ep, "--out", out)
@@ -69,6 +70,7 @@ def norm_head_reference(tiny_hf_normhead):
             "row_logits": rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,tp,ep", [(1, 1, 1), (2, 2, 2)], ids=["tp1", "tp2ep2"])
 def test_norm_head_matches_its_definition(tiny_hf_normhead, norm_head_reference, tmp_path, nproc, tp, ep):
     """Megatron's logits and every gradient (the output weight's included) equal the reference at

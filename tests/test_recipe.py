@@ -12,24 +12,29 @@ LING = ROOT / "recipes/ling_lite/distill.yaml"
 
 
 def test_inheritance_and_overrides():
-    r = load_recipe(TINY, ["train.lr=1e-4", "data.pack=false", "parallel.ep=1"])
-    assert r.train.weight_decay == 0.1 and r.train.lr_schedule == "cosine"  # from the base
+    r = load_recipe(TINY, ["optimizer.lr=1e-4", "data.pack=false", "parallel.ep=1"])
+    assert r.optimizer.weight_decay == 0.1 and r.optimizer.lr_schedule == "cosine"  # from the base
     assert r.model.preset == "ling-tiny" and r.data.seq_length == 256  # from tiny
-    assert r.train.lr == 1e-4 and r.data.pack is False and r.parallel.ep == 1  # command line
+    assert r.optimizer.lr == 1e-4 and r.data.pack is False and r.parallel.ep == 1  # command line
     ling = load_recipe(LING)
-    assert (ling.data.seq_length, ling.train.global_batch, ling.train.lr, ling.train.epochs) == (32768, 256, 3e-4, 3)
+    assert (ling.data.seq_length, ling.train.global_batch, ling.optimizer.lr, ling.train.epochs) == (32768, 256, 3e-4, 3)
     assert ling.model.arch().rope_theta == 600000
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lrr=3", "command line: train.lrr: unknown key (did you mean 'lr'?)"),
-    ("train.lr=abc", "command line: train.lr: expected float, got str 'abc'"),
+    ("optimizer.lrr=3", "command line: optimizer.lrr: unknown key (did you mean 'lr'?)"),
+    ("optimizer.lr=abc", "command line: optimizer.lr: expected float, got str 'abc'"),
+    ("optimizer.lr=0", "command line: optimizer.lr: must be > 0, got 0"),
+    # The optimizer keys left `train` for the `optimizer` section: an old recipe is told so.
+    ("train.lr=1e-4", "command line: train.lr: unknown key: it moved to optimizer.lr"),
+    ("train.adam_beta2=0.9", "command line: train.adam_beta2: unknown key: it moved to optimizer.adam_beta2"),
+    ("train.warmup_fracc=0", "train.warmup_fracc: unknown key (did you mean 'warmup_frac'? it moved to optimizer.warmup_frac)"),
     ("train.epochs=2.5", "train.epochs: expected int"),
     ("data.bad_rows=maybe", "data.bad_rows: must be one of ['skip', 'fail']"),
     ("select.entropy_low=0.6", "command line: select.entropy_low; "),
     ("select.entropy_low=0.6", "distill.yaml: select.entropy_high: entropy_low (0.6) must be below entropy_high (0.5)"),
     ("train.global_batch=-4", "command line: train.global_batch: must be > 0, got -4"),
-    ("train.warmup_frac=1", "command line: train.warmup_frac: must be in [0, 1), got 1.0"),
+    ("optimizer.warmup_frac=1", "command line: optimizer.warmup_frac: must be in [0, 1), got 1.0"),
     ("cluster.time_limit=2days", "command line: cluster.time_limit: '2days' is not a SLURM time"),
     ("cluster.sglang=dedicated", "command line: cluster.sglang; default: cluster.sglang_nodes: sglang_nodes 0"),
     ("model.preset=ling-huge", "command line: model.preset: unknown model preset 'ling-huge'"),
@@ -43,7 +48,7 @@ def test_bad_values_name_the_key(override, message):
 
 def test_errors_name_the_file(tmp_path):
     (tmp_path / "base.yaml").write_text("stage: distill\ntrain:\n  epochs: three\n")
-    (tmp_path / "child.yaml").write_text("defaults: base.yaml\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "child.yaml").write_text("defaults: base.yaml\noptimizer:\n  lr: 0.1\n")
     with pytest.raises(RecipeError, match=r"base.yaml: train.epochs: expected int, got str 'three'"):
         load_recipe(tmp_path / "child.yaml")
     # A section's own checks blame the file that set the key, not the one that opened the section.
@@ -53,7 +58,7 @@ def test_errors_name_the_file(tmp_path):
         load_recipe(tmp_path / "child.yaml")
     with pytest.raises(RecipeError, match=r"^command line: train.epochs: must be > 0, got -1$"):
         load_recipe(tmp_path / "base.yaml", ["train.epochs=-1"])
-    (tmp_path / "broken.yaml").write_text("stage: distill\ntrain:\n  lr: [1,\n")
+    (tmp_path / "broken.yaml").write_text("stage: distill\noptimizer:\n  lr: [1,\n")
     with pytest.raises(RecipeError, match=r"broken.yaml:\d+: invalid YAML"):
         load_recipe(tmp_path / "broken.yaml")
     (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
@@ -80,9 +85,10 @@ RL2 = ROOT / "recipes/ling_lite/rl_stage2_code_science.yaml"
 def test_rl_recipes_carry_the_paper_values():
     r = load_recipe(RL1)
     assert (r.rollout.prompts_per_step, r.rollout.samples_per_prompt, r.rl.token_budget) == (512, 16, 409600)
-    assert (r.train.lr, r.rl.eps_low, r.rl.eps_high, r.rl.kl_beta, r.rl.entropy_coef) == (3e-6, 0.2, 0.2, 1e-3, 5e-4)
+    assert (r.optimizer.lr, r.rl.eps_low, r.rl.eps_high, r.rl.kl_beta, r.rl.entropy_coef) == (3e-6, 0.2, 0.2, 1e-3, 5e-4)
     assert (r.model.aux_loss_coeff, r.model.z_loss_coeff, r.rollout.temperature) == (1e-5, 1e-7, 1.0)
     assert r.rollout.max_new_tokens == 24576 and r.data.domains == ["math"]
+    assert (r.optimizer.lr_schedule, r.optimizer.weight_decay, r.optimizer.adam_beta2) == ("constant", 0.01, 0.999)
     r2 = load_recipe(RL2)
     assert r2.rollout.max_new_tokens == 32768 and r2.data.domains == ["code", "science"]
     assert r2.rl.token_budget == 409600  # inherited through stage 1 from the base
@@ -115,5 +121,5 @@ def test_rl_dry_run_and_stage_mismatch(capsys):
     assert "Phi 409600 per rank" in out
     assert main(["rl", str(TINY), "--dry-run"]) == 2
     assert "'distill' recipe given to `megatron-ring rl`" in capsys.readouterr().err
-    assert main(["run", str(ROOT / "recipes/tiny/pipeline.yaml"), "nostage.train.lr=1"]) == 2
+    assert main(["run", str(ROOT / "recipes/tiny/pipeline.yaml"), "nostage.optimizer.lr=1"]) == 2
     assert "pipeline overrides are STAGE.key=value" in capsys.readouterr().err

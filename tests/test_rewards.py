@@ -8,10 +8,13 @@ import random
 import time
 from pathlib import Path
 
+import pytest
+
 from megatron_ring.data.demo_tasks import math_task, science_formula, science_units
 from megatron_ring.rewards.choice_reward import score_choice
+from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.rewards.math_reward import LOG_CHARS, score_math
-from megatron_ring.rewards.reward_pool import CODE_MARGIN_S, RewardPool
+from megatron_ring.rewards.reward_pool import CODE_MARGIN_S, RewardPool, score_one
 from megatron_ring.rewards.sandbox import SandboxLimits
 from tests.sandbox_fixtures import demo_code_tasks, host_dir, needs_bwrap, run_dir  # noqa: F401
 
@@ -37,20 +40,24 @@ def test_choice_reward():
 
 # ---------------------------------------------------------------- the reward pool
 
-def ok_reward(response, row):
+def ok_reward(response, row, settings):
     return 1.0
 
 
-def hang_reward(response, row):
+def hang_reward(response, row, settings):
     time.sleep(1e6)
 
 
-def raise_reward(response, row):
+def raise_reward(response, row, settings):
     raise ValueError("broken verifier")
 
 
-def exit_reward(response, row):
+def exit_reward(response, row, settings):
     os._exit(3)
+
+
+def tolerance_reward(response, row, settings):
+    return settings.float_tolerance
 
 
 def test_pool_kills_hanging_verifiers():
@@ -86,7 +93,7 @@ def test_pool_scores_every_domain(run_dir, capsys):
     steal = {"code_test_cases": [{"input": "", "output": secret + "\n"}], "test_type": "stdio"}
     items += [("code", t["solution"], t) for t in code]
     items += [("code", f"```python\nprint(open({str(run / 'checkpoints' / 'model.txt')!r}).read())\n```", steal)]
-    with RewardPool(workers=2, timeout_s=20.0, hide=[run]) as pool:
+    with RewardPool(workers=2, timeout_s=20.0, settings=CodeRewardSettings(hide=(run,))) as pool:
         pool.score(items[:2])  # workers started
         start = time.monotonic()
         results = pool.score(items[:len(maths)])
@@ -117,7 +124,7 @@ def test_code_deadline_is_the_sandbox_budget():
     slow = {"domain": "code", "test_type": "stdio",
             "code_test_cases": [{"input": f"{i}\n", "output": f"{i}\n"} for i in range(3)]}
     many = {**slow, "code_test_cases": [{"input": f"{i}\n", "output": f"{i}\n"} for i in range(60)]}
-    with RewardPool(workers=1, timeout_s=0.5, limits=SLOW_CASES) as pool:
+    with RewardPool(workers=1, timeout_s=0.5, settings=CodeRewardSettings(limits=SLOW_CASES)) as pool:
         assert pool.deadline_s("code", slow) == SLOW_CASES.total_timeout_s(3) + CODE_MARGIN_S
         assert pool.deadline_s("code", many) == SLOW_CASES.total_timeout_s(60) + CODE_MARGIN_S
         assert pool.deadline_s("code", {"test": "def check(c): pass", "entry_point": "f"}) == \
@@ -138,11 +145,30 @@ def test_recipe_float_tolerance_reaches_the_workers():
     row = {"domain": "code", "test_type": "function", "fn_name": "f",
            "code_test_cases": [{"input": "[]", "output": "0.3"}]}
     near = "```python\ndef f():\n    return 0.1 + 0.2\n```"
-    with RewardPool(workers=1, float_tolerance=1e-9) as pool:
+    with RewardPool(workers=1, settings=CodeRewardSettings(float_tolerance=1e-9)) as pool:
         assert [r.reward for r in pool.score([("code", near, row), ("code", near, {**row, "float_tolerance": 0})])] \
             == [1.0, 0.0]  # a row's own tolerance wins
         [wrong] = pool.score([("code", "```python\ndef f():\n    return 1\n```", row)])
         assert wrong.error == "case 0: wrong result '1'"  # the pool says why code scored 0
+        # in-process scoring (held-out evaluation) takes the same settings explicitly
+        assert score_one("code", near, row, pool.settings).reward == 1.0
+        assert score_one("code", near, row, CodeRewardSettings()).reward == 0.0
+
+
+def test_settings_are_bound_per_pool():
+    """Two pools in one process score with their own settings: nothing is configured process-wide."""
+    fns = {"tol": tolerance_reward}
+    with RewardPool(workers=1, settings=CodeRewardSettings(float_tolerance=0.25), fns=fns) as a, \
+            RewardPool(workers=1, settings=CodeRewardSettings(float_tolerance=0.5), fns=fns) as b:
+        assert [r.reward for r in a.score([("tol", "", {})] * 2)] == [0.25, 0.25]
+        assert [r.reward for r in b.score([("tol", "", {})] * 2)] == [0.5, 0.5]
+        assert [r.reward for r in a.score([("tol", "", {})])] == [0.25]
+    assert score_one("tol", "", {}, CodeRewardSettings(float_tolerance=0.75), fns).reward == 0.75
+    assert "no reward function" in score_one("nope", "", {}, CodeRewardSettings(), fns).error
+    assert score_one("math", "\\boxed{2}", {"answer": "2"}, CodeRewardSettings()).reward == 1.0
+    with pytest.raises(ValueError, match="float tolerance"):
+        CodeRewardSettings(float_tolerance=-1)
+    assert CodeRewardSettings(hide=[Path("/x")]).hide == ("/x",)
 
 
 # ---------------------------------------------------------------- Math-Verify's log lines

@@ -80,9 +80,13 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("nproc,tp,ep,mb,hf", [(1, 1, 1, 2, "tiny_hf"), (1, 1, 1, 4, "tiny_hf"),
-                                                (2, 2, 2, 1, "tiny_hf"), (2, 1, 2, 2, "tiny_hf"),
-                                                (2, 2, 1, 2, "tiny_hf_normhead")],
+# `make test-fast` runs tp2ep2 (TP, SP, EP and two data-parallel micro-batch splits against the
+# plain forward); `make test` every case.
+@pytest.mark.parametrize("nproc,tp,ep,mb,hf", [pytest.param(1, 1, 1, 2, "tiny_hf", marks=pytest.mark.slow),
+                                                pytest.param(1, 1, 1, 4, "tiny_hf", marks=pytest.mark.slow),
+                                                (2, 2, 2, 1, "tiny_hf"),
+                                                pytest.param(2, 1, 2, 2, "tiny_hf", marks=pytest.mark.slow),
+                                                pytest.param(2, 2, 1, 2, "tiny_hf_normhead", marks=pytest.mark.slow)],
                          ids=["1proc-mb2", "1proc-mb4", "tp2ep2", "tp1ep2", "tp2-norm_head"])
 def test_rl_loss_matches_plain_autograd(request, naive, tmp_path, nproc, tp, ep, mb, hf):
     """norm_head reaches the fused kernel through output_weight(): its case checks that path."""

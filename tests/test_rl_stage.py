@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: `make test` only, not `make test-fast`
 PHI = 96  # per rank: 192 loss tokens a step at DP 2
 RL_FIELDS = {"stage", "step", "loss_mode", "tokens_in_loss", "step_time_s", "entropy", "kl", "clip_frac",
              "grad_norm", "logprob_gap", "loss"}

@@ -17,7 +17,8 @@ import pytest
 from megatron_ring.data.demo_data import write_demo_data
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's"),
+              pytest.mark.slow]  # end to end: `make test` only
 
 
 @pytest.fixture(scope="module")

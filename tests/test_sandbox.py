@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ring.rewards import sandbox, sandbox_cgroup
-from megatron_ring.rewards.code_reward import run_tests
+from megatron_ring.rewards.code_reward import CodeRewardSettings, run_tests
 from megatron_ring.rewards.sandbox import SandboxLimits, SandboxUnavailable, memory_bound, run_job, sandbox_python
 from tests.sandbox_fixtures import (FAST, ROOT, PeakMemory, allowlisted_dir, assert_host_intact, attack,  # noqa: F401
                                     find_secrets, host_dir, host_output, make_run_dir, mountinfo_siblings, needs_bwrap,
@@ -27,7 +27,7 @@ from tests.sandbox_fixtures import (FAST, ROOT, PeakMemory, allowlisted_dir, ass
 def test_missing_bwrap_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
-        run_tests("print(1)", [{"input": "", "output": "1\n"}])
+        run_tests("print(1)", [{"input": "", "output": "1\n"}], CodeRewardSettings())
 
 
 @needs_bwrap
@@ -132,7 +132,7 @@ def test_cannot_tamper_with_the_harness():
              "        f.write('{\"status\": \"exited\", \"rc\": 0, \"stdout\": \"42\", \"stderr\": \"\"}\\n' * 3)\n"
              "except OSError as e:\n"
              "    print('blocked', type(e).__name__)\n")
-    result = run_tests(forge, [{"input": "", "output": "42\n"}] * 3, limits=FAST)
+    result = run_tests(forge, [{"input": "", "output": "42\n"}] * 3, CodeRewardSettings(limits=FAST))
     assert not result.all_passed and result.error == "case 0: wrong output 'blocked PermissionError\\n'"
     assert_host_intact()
 
@@ -257,9 +257,10 @@ def test_an_interpreter_outside_usr():
 
 TRAINER_SCRIPT = """
 import json, sys
-from megatron_ring.rewards.code_reward import run_tests
+from megatron_ring.rewards.code_reward import CodeRewardSettings, run_tests
 from megatron_ring.rewards.sandbox import SandboxLimits
-result = run_tests(sys.argv[1], [{"input": "", "output": sys.argv[2]}], limits=SandboxLimits(cpu_s=2, case_timeout_s=2.0))
+settings = CodeRewardSettings(limits=SandboxLimits(cpu_s=2, case_timeout_s=2.0))
+result = run_tests(sys.argv[1], [{"input": "", "output": sys.argv[2]}], settings)
 print(json.dumps([result.all_passed, result.error]))
 """
 
@@ -283,6 +284,9 @@ def test_home_of_a_non_root_trainer():
         shutil.copytree(ROOT / "megatron_ring" / "rewards", code / "megatron_ring" / "rewards",
                         ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "megatron_ring" / "__init__.py", code / "megatron_ring")
+        (code / "megatron_ring" / "data").mkdir()  # the code reward reads its rows' test forms there
+        for name in ("__init__.py", "code_tests.py"):
+            shutil.copy(ROOT / "megatron_ring" / "data" / name, code / "megatron_ring" / "data")
         subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
         steal = ("import os, pwd\ntry:\n    entry = pwd.getpwuid(os.getuid()).pw_dir\nexcept KeyError:\n    entry = ''\n"
                  f"for home in (os.environ['HOME'], entry, {str(home)!r}):\n"
@@ -364,8 +368,9 @@ def test_memory_of_the_whole_sandbox_with_cgroup():
     with PeakMemory() as peak:
         result, _ = attack(HOG, limits=HOG_LIMITS)
     assert not result.all_passed, result
-    # + 8 MB: the processes' samples are not taken at one instant (one killed, another growing)
-    assert peak.peak_mb <= HOG_LIMITS.cgroup_memory_mb() + 8 and HOG_LIMITS.cgroup_memory_mb() == 272, peak.peak_mb
+    # + 16 MB: the processes' samples are not taken at one instant (one being killed, another
+    # growing into its pages): up to 14 MB over memory.max was seen in 1 of 12 runs on 2 loaded cores
+    assert peak.peak_mb <= HOG_LIMITS.cgroup_memory_mb() + 16 and HOG_LIMITS.cgroup_memory_mb() == 272, peak.peak_mb
     assert memory_bound(HOG_LIMITS)[0] == 272
     assert_host_intact()
 

@@ -9,7 +9,8 @@ import torch
 
 from megatron_ring.data.chat_tokenizer import ChatTokenizer, TokenizerError
 from megatron_ring.data.demo_data import write_demo_data
-from megatron_ring.data.rl_prompts import read_rl_prompts
+from megatron_ring.data.rl_prompts import read_prompts
+from megatron_ring.data.jsonl_rows import RowReport
 from megatron_ring.data.sft_rows import DataError, check_sft_rows, read_sft_rows
 from megatron_ring.train.sft_data import Schedule, rank_share
 
@@ -77,10 +78,11 @@ def test_non_utf8_rows_are_bad_rows_named_by_file_line(tok, tmp_path):
     assert check_sft_rows([str(f)], on_bad="skip").kept == 3
     rl = tmp_path / "rl.jsonl"
     rl.write_bytes(json.dumps({"domain": "math", "prompt": "1+1?", "answer": "2"}).encode() + b"\n\x80\n")
-    rows, report = read_rl_prompts(str(rl), on_bad="skip")
+    report = RowReport()
+    rows = read_prompts([str(rl)], on_bad="skip", report=report)
     assert len(rows) == 1 and report.first == [f"{rl}:2: not UTF-8 (byte 0x80 at column 1)"]
     with pytest.raises(DataError, match=rf"{rl}:2: not UTF-8"):
-        read_rl_prompts(str(rl))
+        read_prompts([str(rl)])
 
 
 def test_rl_prompt_rows(tmp_path):
@@ -91,11 +93,15 @@ def test_rl_prompt_rows(tmp_path):
         json.dumps({"domain": "code", "prompt": "p", "code_test_cases": []}),
         json.dumps({"domain": "poetry", "prompt": "p", "answer": "x"}),
     ])
-    rows, report = read_rl_prompts(str(f), on_bad="skip")
+    report = RowReport()
+    rows = read_prompts([str(f)], on_bad="skip", report=report)
     assert [r.domain for r in rows] == ["math", "code"] and rows[0].answer == "2"
     assert report.n_bad == 2 and report.first[1].startswith(f"{f}:4: 'domain' must be one of")
     with pytest.raises(DataError, match="bad RL prompt rows.*code_test_cases"):
-        read_rl_prompts(str(f))
+        read_prompts([str(f)])
+    assert [r.domain for r in read_prompts([str(f)], domains=["code"], on_bad="skip")] == ["code"]
+    with pytest.raises(DataError, match=r"no prompts of domains \['science'\] in"):
+        read_prompts([str(f)], domains=["science"], on_bad="skip")
 
 
 def test_tokenizer_directory_errors(tmp_path):

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_ring.platform.distributed import free_port
-from megatron_ring.rollout.base import RolloutError, SamplingParams
+from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient, parse_generate, sampling_seed
 from megatron_ring.rollout.sglang_engine import SGLangEngine
 from megatron_ring.rollout.sglang_server import launch
@@ -329,6 +330,7 @@ def test_live_sglang_server(tiny_hf, tiny_arch, tmp_path):
 
 # -- the engine on a 2-rank trainer (TP1/EP2: experts are gathered before they are sent) ----
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_engine_push_weights_two_ranks(served, tiny_arch, tmp_path):
     from tests.conftest import ROOT
     from megatron_ring.platform.distributed import torchrun

@@ -10,6 +10,7 @@ import pytest
 from tests import slurm_cluster as sc
 from tests.slurm_cluster import LocalSlurm, parse_scontrol, slurm_cluster  # noqa: F401
 
+pytestmark = pytest.mark.slow  # real SLURM daemons: `make test` only
 LOOP = 'while :; do sleep 60 & wait $!; done\n'  # a trap only fires promptly inside `wait`
 
 

@@ -12,9 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from megatron_ring.train import checkpoint
 from tests.slurm_cluster import slurm_cluster  # noqa: F401
 
+pytestmark = pytest.mark.slow  # real SLURM daemons: `make test` only
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.epochs=1", "train.save_initial=false", "logging.wandb=disabled", "logging.progress=false"]
 

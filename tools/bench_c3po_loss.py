@@ -1,8 +1,13 @@
 """Peak extra memory and time of one forward+backward of the C3PO loss (entropy and KL on):
 naive torch (full [T, V] fp32 logits) vs the fused loss, side by side, at Ling-lite's output
-layer (H=2048, V=126464, TP=1), and the ratios.
+layer (H=2048, V=126464, TP=1), and the ratios. Also the SFT loss (token NLL sum, entropy as a
+metric): sft-logits, the path train/engine.py took before issue 13 (the output layer's [T, V]
+logits, an fp32 copy, the vocab-parallel entropy merge, Megatron's
+vocab_parallel_cross_entropy; re-created here, as models/lm_loss.py had it) vs sft-fused, the
+path it takes now (ops.logprob_entropy from hidden states and the weight). Each row's ratios
+are over its loss's baseline at the same T: naive for C3PO, sft-logits for SFT.
 
-    python tools/bench_c3po_loss.py [--json] [--tokens 1024 2048 4096]
+    python tools/bench_c3po_loss.py [--json] [--tokens 1024 2048 4096] [--sft-tokens 2048 4096]
 
 Each measurement runs in a fresh process, so one cannot inherit another's allocator state.
 The peak above what the inputs occupy comes from torch.cuda.max_memory_allocated on GPU and
@@ -33,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_ring.ops import fused_c3po_loss  # noqa: E402
+from megatron_ring.ops import fused_c3po_loss, logprob_entropy  # noqa: E402
 from megatron_ring.ops.c3po_loss_naive import naive_c3po_loss  # noqa: E402
 from megatron_ring.ops.c3po_objective import C3POCoefficients, c3po_objective  # noqa: E402
 
@@ -41,7 +46,16 @@ from megatron_ring.ops.c3po_objective import C3POCoefficients, c3po_objective  #
 KNOBS = dict(eps_low=0.2, eps_high=0.2, beta=1e-3, entropy_coef=5e-4, temperature=1.0)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, SXM
 # impl -> the module it needs (None: always there)
-IMPLS = {"naive": None, "fused": None, "fused-torch": None, "liger": "liger_kernel", "verl": "verl"}
+IMPLS = {"naive": None, "fused": None, "fused-torch": None, "liger": "liger_kernel", "verl": "verl",
+         "sft-logits": None, "sft-fused": None, "sft-fused-torch": None}
+# The SFT rows (--sft-tokens) and the implementation their ratios are over; the rest are C3PO
+# rows (--tokens), over naive.
+SFT_IMPLS = ("sft-logits", "sft-fused", "sft-fused-torch")
+BASELINE = {"c3po": "naive", "sft": "sft-logits"}
+
+
+def loss_of(impl: str) -> str:
+    return "sft" if impl in SFT_IMPLS else "c3po"
 
 
 def make_inputs(tokens: int, hidden: int, vocab: int, dtype, device):
@@ -88,8 +102,49 @@ def _step_liger(x, phi):
     return out[0] if isinstance(out, tuple) else out
 
 
+@torch.no_grad()
+def _old_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """models/lm_loss.py token_entropy as it was (no vocabulary padding at V=126464, TP=1):
+    max, exp, sum of exp and of p*z merged over the TP group, all [T, V] fp32 temporaries."""
+    from megatron.core import parallel_state as ps
+
+    z = logits.float()
+    group = ps.get_tensor_model_parallel_group()
+    m = z.max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m)
+    zs = torch.where(torch.isfinite(z), z - m, torch.zeros_like(z))
+    parts = torch.stack([e.sum(-1), (e * zs).sum(-1)])
+    torch.distributed.all_reduce(parts, group=group)
+    return torch.log(parts[0]) - parts[1] / parts[0]
+
+
+def _step_sft_logits(x, phi):
+    """The SFT loss before issue 13 (train/engine.py _loss_func over models/lm_loss.py): the
+    output layer's [T, V] logits, the entropy metric from them (detached), then Megatron's
+    vocab_parallel_cross_entropy on an fp32 copy (in place on it)."""
+    from megatron.core import tensor_parallel
+
+    logits = x["hidden"] @ x["weight"].T
+    mask = x["loss_mask"]
+    (_old_token_entropy(logits.detach()) * mask).sum()
+    nll = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), x["targets"])
+    return (nll * mask).sum()
+
+
+def _step_sft_fused(x, phi, impl="auto"):
+    """The SFT loss now: ops.logprob_entropy, NLL sum with gradient, entropy as the metric."""
+    mask = x["loss_mask"]
+    logp, entropy = logprob_entropy(x["hidden"], x["weight"], x["targets"], temperature=1.0, loss_mask=mask,
+                                    impl=impl)
+    (entropy.detach() * mask).sum()
+    return -(logp * mask).sum()
+
+
 STEPS = {"naive": _step_naive, "fused": _step_fused, "liger": _step_liger, "verl": _step_verl,
-         "fused-torch": lambda x, phi: _step_fused(x, phi, impl="torch")}
+         "fused-torch": lambda x, phi: _step_fused(x, phi, impl="torch"),
+         "sft-logits": _step_sft_logits, "sft-fused": _step_sft_fused,
+         "sft-fused-torch": lambda x, phi: _step_sft_fused(x, phi, impl="torch")}
 
 
 def _rss_bytes() -> int:
@@ -114,6 +169,10 @@ def measure(impl: str, tokens: int, a) -> dict:
     cuda = a.device == "cuda"
     dtype = getattr(torch, a.dtype)
     step = STEPS[impl]
+    if loss_of(impl) == "sft":  # as in training: Megatron's parallel state (TP=1, one process)
+        from megatron_ring.platform import distributed
+
+        distributed.init(1, 1)
     # warm up thread pools (CPU) or compile kernels (GPU) without touching the CPU peak RSS
     warm = (tokens, a.hidden, a.vocab) if cuda else (64, 64, 512)
     _run(step, make_inputs(*warm, dtype, a.device), 1.0, cuda)
@@ -132,7 +191,8 @@ def measure(impl: str, tokens: int, a) -> dict:
         if base_peak - base > peak:
             raise RuntimeError("the process's earlier peak hides this run's peak")
     grads = sum(t.numel() * t.element_size() for t in (x["hidden"], x["weight"]))
-    row = dict(T=tokens, impl=impl, device=a.device, dtype=a.dtype, H=a.hidden, V=a.vocab,
+    row = dict(T=tokens, impl=impl, loss=loss_of(impl), baseline=BASELINE[loss_of(impl)],
+               device=a.device, dtype=a.dtype, H=a.hidden, V=a.vocab,
                peak_extra_mb=round(max(peak - grads, 0) / 2**20, 1),
                peak_with_grads_mb=round(peak / 2**20, 1), seconds=round(seconds, 4))
     if cuda:
@@ -150,7 +210,7 @@ def _child(impl: str, tokens: int, a) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
-        return dict(T=tokens, impl=impl, error=tail[-200:])
+        return dict(T=tokens, impl=impl, loss=loss_of(impl), baseline=BASELINE[loss_of(impl)], error=tail[-200:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -158,10 +218,10 @@ RATIOS = {"mem_ratio": "peak_extra_mb", "mem_ratio_with_grads": "peak_with_grads
 
 
 def add_ratios(rows):
-    """Each implementation over naive at the same T."""
-    naive = {r["T"]: r for r in rows if r["impl"] == "naive" and "error" not in r}
+    """Each implementation over its loss's baseline (naive, sft-logits) at the same T."""
+    base_rows = {(r["impl"], r["T"]): r for r in rows if r["impl"] in BASELINE.values() and "error" not in r}
     for r in rows:
-        base = naive.get(r["T"])
+        base = base_rows.get((BASELINE[loss_of(r["impl"])], r["T"]))
         for ratio, key in RATIOS.items():
             ok = base is not None and "error" not in r and base[key] > 0
             r[ratio] = round(r[key] / base[key], 4) if ok else None
@@ -179,6 +239,9 @@ def targets(rows, cuda: bool):
         # mem_ratio_with_grads stays in the table: the 988 MB weight gradient both must return
         # floors it near 0.2 at T=2048, so it measures the output, not the loss's working memory.
         out.append(("CPU: fused peak extra <= 1/5 naive at T=2048", fused[2048]["mem_ratio"] <= 0.2))
+    sft = {r["T"]: r for r in rows if r["impl"] == "sft-fused" and r.get("mem_ratio") is not None}
+    if 4096 in sft:
+        out.append(("SFT: sft-fused peak extra <= 1/5 sft-logits at T=4096", sft[4096]["mem_ratio"] <= 0.2))
     if len(fused) > 1:
         lo, hi = min(fused), max(fused)
         growth = fused[hi]["peak_extra_mb"] / fused[lo]["peak_extra_mb"]
@@ -214,8 +277,9 @@ def main():
     p.add_argument("--vocab", type=int, default=126464)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--impls", nargs="+", default=["naive", "fused"] + (["liger", "verl"] if cuda else []),
-                   choices=sorted(IMPLS))
+    p.add_argument("--sft-tokens", type=int, nargs="+", default=[2048, 4096], help="T of the SFT rows")
+    p.add_argument("--impls", nargs="+", choices=sorted(IMPLS),
+                   default=["naive", "fused"] + (["liger", "verl"] if cuda else []) + ["sft-logits", "sft-fused"])
     p.add_argument("--repeat", type=int, default=3 if cuda else 1, help="timed runs; the fastest counts")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
@@ -227,19 +291,20 @@ def main():
     impls = [i for i in a.impls if i not in skipped]
     on_gpu = a.device == "cuda"
     rows = []
-    for tokens in a.tokens:
-        for impl in impls:
-            rows.append(_child(impl, tokens, a))
-            if not a.json:
-                print(f"measured T={tokens} {impl}", file=sys.stderr, flush=True)
+    for kind, token_list in (("c3po", a.tokens), ("sft", a.sft_tokens)):
+        for tokens in token_list:
+            for impl in (i for i in impls if loss_of(i) == kind):
+                rows.append(_child(impl, tokens, a))
+                if not a.json:
+                    print(f"measured T={tokens} {impl}", file=sys.stderr, flush=True)
     add_ratios(rows)
     checks = targets(rows, on_gpu)
     if a.json:
         print(json.dumps(dict(rows=rows, targets=[dict(target=t, passed=ok) for t, ok in checks],
                               skipped=skipped), indent=1))
         return
-    print(f"C3PO loss forward+backward, H={a.hidden}, V={a.vocab}, {a.dtype} on {a.device}, "
-          "entropy and KL on; ratios are over naive at the same T")
+    print(f"C3PO loss (entropy and KL on) and SFT loss forward+backward, H={a.hidden}, V={a.vocab}, "
+          f"{a.dtype} on {a.device}; ratios are over naive (C3PO) or sft-logits (SFT) at the same T")
     print_table(rows, on_gpu)
     for name in skipped:
         print(f"{name}: skipped ({IMPLS[name]} is not importable)")

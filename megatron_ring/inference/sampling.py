@@ -18,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_ring.models.lm_loss import full_logits
-from megatron_ring.platform.distributed import device
-from megatron_ring.rollout.base import SamplingParams
+from megatron_ring.ops.vocab_parallel import full_logits
+from megatron_ring.platform.distributed import any_rank, device
+from megatron_ring.inference.sampling_params import SamplingParams
 
 
 @dataclass
@@ -49,12 +48,6 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generat
     token = (keep / -torch.log1p(-u)).argmax(-1)
     # Python lists: one device-to-host copy per step, not one per token.
     return token.tolist(), logp.gather(-1, token[:, None]).squeeze(-1).tolist(), entropy.tolist()
-
-
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class _Batch:
@@ -83,14 +76,15 @@ class _Batch:
 
 def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int) -> None:
     """Every step: a forward over each active row's prompt and tokens so far."""
-    while _any_rank(bool(b.active)):
+    while any_rank(bool(b.active)):
         rows = [b.seqs[i] for i in b.active] or [[b.eos_id]]
         width = -(-max(map(len, rows)) // tp) * tp  # sequence parallelism splits the sequence
         ids = torch.full((len(rows), width), b.eos_id, dtype=torch.long)
         for r, s in enumerate(rows):
             ids[r, :len(s)] = torch.tensor(s)
         pos = torch.arange(width).expand(len(rows), width)
-        logits = full_logits(model(ids.to(device()), pos.to(device()), None), model.arch.vocab_size)
+        logits = full_logits(model(ids.to(device()), pos.to(device()), None), model.arch.vocab_size,
+                             ps.get_tensor_model_parallel_group())
         if not b.active:
             continue
         last = torch.tensor([len(s) - 1 for s in rows], device=logits.device)
@@ -130,7 +124,7 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
         else:  # nothing left here: keep the other ranks' collectives company
             model(torch.full((1, 1), b.eos_id, dtype=torch.long, device=device()),
                   torch.zeros((1, 1), dtype=torch.long, device=device()), None)
-        if not _any_rank(bool(b.active) and ctx.sequence_len_offset < end):
+        if not any_rank(bool(b.active) and ctx.sequence_len_offset < end):
             return
 
 
@@ -145,7 +139,7 @@ def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingP
     out = [Sample() for _ in prompts]
     tp = ps.get_tensor_model_parallel_world_size()
     start = 0
-    while _any_rank(start < len(prompts)):
+    while any_rank(start < len(prompts)):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         start += batch_size
         b = _Batch(prompts, keys, idx, params, eos_id, model.arch.max_position_embeddings, out)

@@ -10,6 +10,7 @@ from pathlib import Path
 from megatron_ring.launch.slurm_job import JobSpec, render, submit_chain
 from megatron_ring.recipe import RecipeError, load_recipe
 from megatron_ring.recipe.schema import check_layout
+from megatron_ring.train.input_check import check_inputs
 
 
 def _job(name: str, recipe, run_dir, argv: list[str]) -> JobSpec:
@@ -25,7 +26,7 @@ def jobs(recipe_path: str, overrides: list[str], run_dir: str | None) -> tuple[b
         run_dir = run_dir or str(Path("runs") / recipe.name)
         argv = [recipe.stage, recipe_path, *overrides, "--run-dir", run_dir]
         return False, [(Path(recipe_path).stem, _job(recipe.name, recipe, run_dir, argv))]
-    from megatron_ring.rl.pipeline import stage_runs
+    from megatron_ring.pipeline.stages import stage_runs  # deferred: imports torch; pipelines only
 
     pipe, _, runs = stage_runs(recipe_path, run_dir, overrides)
     return True, [(f"{i:02d}-{st.name}", _job(f"{pipe.name}-{st.name}", load_recipe(st.recipe, st.sets), st.run_dir,
@@ -57,8 +58,6 @@ def submit(recipe_path: str, overrides: list[str], run_dir: str | None, out_root
     """Render, check each training stage's inputs (the batch script starts torchrun on the nodes
     directly: this is the last place bad input is said before a job waits in the queue), create
     the log directories SLURM writes into, and submit."""
-    from megatron_ring.train.input_check import check_inputs
-
     script, specs = write(recipe_path, overrides, run_dir, out_root)
     for spec in specs:
         if spec.argv[0] in ("distill", "rl"):

@@ -121,10 +121,12 @@ def norm_head_weight(weight: torch.Tensor, true_vocab_size: int) -> torch.Tensor
 
 
 class NormHeadLinear(tensor_parallel.ColumnParallelLinear):
-    """The output layer with norm_head: logits from norm_head_weight(). true_vocab_size is set
-    by LingModel (GPTModel builds the layer with the padded size only)."""
+    """The output layer with norm_head: logits from norm_head_weight(). Adds no state:
+    LingModel builds it with GPTModel's arguments and hands it GPTModel's initialised weight."""
 
-    true_vocab_size: int
+    def __init__(self, *args, true_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = true_vocab_size
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         weight = norm_head_weight(self.weight if weight is None else weight, self.true_vocab_size)
@@ -148,9 +150,53 @@ class LingModel(GPTModel):
         )
         self.arch = arch
         if arch.norm_head:
-            # GPTModel builds a plain ColumnParallelLinear; NormHeadLinear adds no state.
-            self.output_layer.__class__ = NormHeadLinear
-            self.output_layer.true_vocab_size = arch.vocab_size
+            self.output_layer = self._norm_head_output_layer(self.output_layer.weight)
+
+    def _norm_head_output_layer(self, weight: torch.nn.Parameter) -> NormHeadLinear:
+        """GPTModel's output layer (megatron-core 0.16.1 GPTModel.__init__, the same arguments)
+        as a NormHeadLinear around GPTModel's own weight Parameter: no allocation, no
+        initialisation, no RNG draw, so the model is bit-identical to one without norm_head."""
+        layer = NormHeadLinear(
+            self.config.hidden_size,
+            self.vocab_size,
+            config=self.config,
+            init_method=self.config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=not self.parallel_output,
+            skip_weight_param_allocation=True,  # the weight is GPTModel's, below
+            embedding_activation_buffer=self.embedding_activation_buffer,
+            grad_output_buffer=self.grad_output_buffer,
+            tp_group=self.pg_collection.tp,
+            true_vocab_size=self.arch.vocab_size,
+        )
+        layer.weight = weight
+        return layer
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The final (normed) hidden states [s, b, h] (with sequence parallelism this rank's
+        [s/tp, b, h] block) that forward() turns into logits: megatron-core 0.16.1
+        GPTModel.forward up to the output layer (_preprocess, then the decoder), training and
+        plain evaluation only (no inference context, packed_seq_params or MTP). The losses take
+        these and output_weight() to ops.logprob_entropy instead of [b, s, V] logits;
+        tests/test_model.py checks forward() == hidden_states() @ output_weight().T."""
+        if self.mtp_process or not (self.pre_process and self.post_process):
+            raise NotImplementedError("hidden_states: one pipeline stage without MTP only")
+        if self.config.fine_grained_activation_offloading:
+            self.preprocess_for_fine_grained_offloading()
+        pre = self._preprocess(input_ids=input_ids, position_ids=position_ids)
+        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = pre[:6]
+        return self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None,
+            sequence_len_offset=sequence_len_offset,
+            padding_mask=padding_mask,
+        )
 
     def output_weight(self) -> torch.Tensor:
         """The local vocab shard of the weight the logits are computed from."""
@@ -168,13 +214,8 @@ def build_model(
     use_te: bool | None = None,
     meta_device: bool = False,
 ) -> LingModel:
-    """Build the local shard of the model. Model-parallel state must be initialised first."""
-    from megatron.core.transformer.moe import moe_utils
-
-    # Without transformer-engine (CPU, or a GPU machine without it) 0.16.1 never binds this name,
-    # and its router reads it; None is what the router checks for.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    """Build the local shard of the model. Model-parallel state must be initialised first
+    (platform.distributed.init, which also applies platform/cpu_compat.py's stand-ins)."""
     if use_te is None:
         use_te = te_by_default()
     config = transformer_config(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -13,7 +16,7 @@ from megatron_ring.models.norm import RMSNorm
 
 def have_transformer_engine() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")  # optional: absent, or failing to load, on CPU machines
     except Exception:
         return False
     return True
@@ -21,8 +24,6 @@ def have_transformer_engine() -> bool:
 
 def te_by_default() -> bool:
     """Transformer Engine layers wherever TE imports and a GPU is there to run them."""
-    import torch
-
     return have_transformer_engine() and torch.cuda.is_available()
 
 
@@ -31,7 +32,7 @@ def ling_block_spec(arch, use_te: bool | None = None) -> TransformerBlockSubmodu
     if use_te is None:
         use_te = have_transformer_engine()
     if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TENorm  # optional: only with transformer-engine
 
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=arch.num_experts, moe_grouped_gemm=True

@@ -1,6 +1,7 @@
 """Tensor parallelism for the fused loss: the vocabulary shard of this rank, the all-reduce that
 merges per-rank softmax statistics, and the two autograd mappings that make the hidden-state
-gradient the full one (all-reduce; or, with sequence parallelism, all-gather/reduce-scatter).
+gradient the full one (all-reduce; or, with sequence parallelism, all-gather/reduce-scatter),
+and full_logits, the gather of logits shards for sampling.
 
 These take an explicit process group and use torch.distributed directly, so they work with any
 group (also one made without Megatron's parallel state) on gloo and NCCL alike."""
@@ -120,3 +121,15 @@ def full_hidden(hidden: torch.Tensor, shard: VocabShard, sequence_parallel: bool
     if sequence_parallel:
         return _GatherSequence.apply(hidden, shard.group)
     return _CopyToTensorParallel.apply(hidden, shard.group) if hidden.requires_grad else hidden
+
+
+def full_logits(logits: torch.Tensor, true_vocab: int, group=None) -> torch.Tensor:
+    """Every TP rank's vocabulary shard of logits [..., V_local] side by side (group rank order,
+    Megatron's split), padding dropped: [..., true_vocab]. Forward only (sampling, tests): the
+    loss paths never need the whole logits."""
+    tp = group_size(group)
+    if tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :true_vocab]

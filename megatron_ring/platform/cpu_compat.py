@@ -6,6 +6,14 @@ optimizer, 'torch.cuda.FloatTensor' type checks, gloo-incompatible all-to-all sp
 This module answers those assumptions with CPU equivalents. It is applied only when CUDA is
 unavailable, never on a GPU machine, and refuses any megatron-core other than the pinned one,
 because every patch below names a private detail of that version.
+
+One gap is not about CUDA: without transformer-engine Megatron-Core 0.16.1 leaves a name its MoE
+router reads unbound (patch_missing_transformer_engine). apply() fills it on every machine
+without transformer-engine, GPU ones included, before its CUDA check.
+
+Megatron is imported inside the functions below, not here: platform.distributed imports this
+module in the launcher, which needs no Megatron (seconds to import), and the version check
+must run before any private Megatron module is imported.
 """
 
 from __future__ import annotations
@@ -119,7 +127,7 @@ def _gloo_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = Fals
 
 
 def _check_version():
-    from megatron.core import package_info
+    from megatron.core import package_info  # deferred: see the module docstring
 
     if package_info.__version__ != PINNED_MEGATRON_CORE:
         raise RuntimeError(
@@ -152,8 +160,8 @@ def _patch_torch_cuda():
 
 
 def _patch_megatron():
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.tensor_parallel import random as mrandom  # deferred: see the module docstring
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher  # deferred: as above
 
     # The RNG tracker forks "CUDA" RNG states for tensor-parallel regions: use the CPU generator.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
@@ -178,9 +186,21 @@ def _patch_megatron():
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
 
 
+def patch_missing_transformer_engine() -> None:
+    """megatron.core.transformer.moe.moe_utils binds te_general_gemm only when transformer-engine
+    imports, and the router reads it unconditionally; None is what the router checks for.
+    Leaves an installed transformer-engine's binding alone (and so any other Megatron's)."""
+    from megatron.core.transformer.moe import moe_utils  # deferred: see the module docstring
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> bool:
-    """Install the CPU layer if CUDA is absent. Returns True when it is active."""
+    """Install the CPU layer if CUDA is absent (and, on any machine, the stand-in for a missing
+    transformer-engine). Returns True when the CPU layer is active."""
     global _applied
+    patch_missing_transformer_engine()
     if _applied:
         return True
     if torch.cuda.is_available():

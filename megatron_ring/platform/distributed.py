@@ -1,4 +1,9 @@
-"""Process groups: torch.distributed (NCCL on GPU, gloo on CPU) plus Megatron's parallel state."""
+"""Process groups: torch.distributed (NCCL on GPU, gloo on CPU) plus Megatron's parallel state;
+the collective patterns every stage uses (rank 0 does something, the others wait or get its
+result; any rank's flag); torchrun launching.
+
+Megatron is imported only inside init and shutdown: the launcher imports this module for
+torchrun() and launched_world_size(), and importing Megatron takes seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_ring.platform import cpu_compat
+from megatron_ring.platform import cpu_compat, parent_death
 from megatron_ring.platform.layout import Layout
 
 
@@ -23,7 +28,7 @@ def launched_world_size() -> int:
 
 def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
     """Join the job's process group (torchrun env, or a single process) and set up TP/EP/DP."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel  # deferred: slow, the launcher needs none
 
     cpu = cpu_compat.apply()
     world = launched_world_size()
@@ -62,8 +67,56 @@ def to_device(batch):
     return dataclasses.replace(batch, **moved)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process without a process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank0_then_broadcast(fn, error_type: type[Exception] = RuntimeError):
+    """Collective: fn() run on rank 0 only; every rank returns its (picklable) result, or raises:
+    rank 0 its own error, the others error_type with its message."""
+    if not _distributed():
+        return fn()
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # every rank must hear about it, or they wait forever
+            error = e
+            box[0] = ("error", str(e) if isinstance(e, error_type) else f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise error_type(value)
+    return value
+
+
+def rank0_then_barrier(fn):
+    """Collective: fn() run on rank 0 only (it writes what the others read next); every rank goes
+    on once it has returned, and raises (RuntimeError on the others) if it failed. Returns fn's
+    result on rank 0, None elsewhere."""
+    result = []
+    rank0_then_broadcast(lambda: result.append(fn()))
+    return result[0] if result else None
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when flag is True on any rank."""
+    if not _distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown():
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # deferred: slow, the launcher needs none
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -83,8 +136,6 @@ def torchrun(nproc: int, argv: list[str], env: dict | None = None, log_dir: str 
     workers die with this process, even when it is killed outright (platform/parent_death.py).
     With log_dir, every rank's output is kept there, rank 0's is shown, and a failed worker ends
     the command with its first error line and exit code 2 (platform/torchrun_agent.py)."""
-    from megatron_ring.platform import parent_death
-
     agent = ["-m", "torch.distributed.run"] if log_dir is None else \
         ["-m", "megatron_ring.platform.torchrun_agent", prog, str(log_dir)]
     cmd = [sys.executable, *agent, f"--nproc-per-node={nproc}", "--nnodes=1", f"--master-port={free_port()}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 # Warnings that say only that the CPU build lacks GPU libraries, or that Megatron-Core 0.16.1
 # calls torch APIs torch has since renamed: one line each per process is noise, not news.
 KNOWN_WARNINGS = (
@@ -16,7 +18,5 @@ KNOWN_WARNINGS = (
 
 
 def quiet_known_warnings() -> None:
-    import warnings
-
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)

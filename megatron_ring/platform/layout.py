@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ring.models.presets import LingArch
-
 
 class LayoutError(ValueError):
     """A parallel layout that cannot run this model."""
@@ -26,7 +24,9 @@ class Layout:
         # Megatron requires sequence parallelism for MoE under TP > 1 in training.
         return self.tp > 1
 
-    def validate(self, arch: LingArch) -> "Layout":
+    def validate(self, arch) -> "Layout":
+        """arch: the model's shape, anything with num_experts, num_attention_heads and
+        num_query_groups (a models.presets.LingArch; platform does not import models)."""
         problems = []
         if self.tp < 1 or self.ep < 1:
             problems.append(f"tp={self.tp} and ep={self.ep} must be >= 1")

@@ -203,9 +203,10 @@ def failure_report(prog: str, log_dir: Path, failed) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    # deferred: torch is slow to import, and the launcher and tests use the log helpers above without it
     from torch.distributed import run
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # torch: as above
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # torch: as above
 
     prog, log_dir, torchrun_args = argv[0], Path(argv[1]), argv[2:]
     log_dir.mkdir(parents=True, exist_ok=True)

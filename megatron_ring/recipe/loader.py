@@ -1,5 +1,5 @@
 """Read a recipe: YAML files that inherit (`defaults: [base.yaml]`), dotted command-line
-overrides (`train.lr=1e-4`), then the typed schema. The resolved recipe is what a run saves."""
+overrides (`optimizer.lr=1e-4`), then the typed schema of the recipe's kind (its `stage`). The resolved recipe is what a run saves."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from pathlib import Path
 
 import yaml
 
+from megatron_ring.recipe.distill_schema import DistillRecipe
+from megatron_ring.recipe.pipeline_schema import PipelineRecipe
+from megatron_ring.recipe.rl_schema import RLRecipe
 from megatron_ring.recipe.typed import RecipeError, build
 
 COMMAND_LINE = "command line"
+SCHEMAS = {"distill": DistillRecipe, "rl": RLRecipe, "pipeline": PipelineRecipe}  # recipe kinds by `stage`
 
 
 def _read_yaml(path: Path) -> dict:
@@ -82,18 +86,15 @@ def apply_override(data: dict, override: str, origin: dict) -> dict:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), schema=None):
     """Resolve a recipe file into its schema dataclass (chosen by its `stage` unless given)."""
-    from megatron_ring.recipe.schema import schemas
-
     origin: dict[str, str] = {"": str(path)}
     data = _resolve(Path(path), origin)
     for override in overrides:
         data = apply_override(data, override, origin)
     if schema is None:
-        known = schemas()
         stage = data.get("stage")
-        if stage not in known:
-            raise RecipeError(f"{origin.get('stage', path)}: stage: must be one of {sorted(known)}, got {stage!r}")
-        schema = known[stage]
+        if stage not in SCHEMAS:
+            raise RecipeError(f"{origin.get('stage', path)}: stage: must be one of {sorted(SCHEMAS)}, got {stage!r}")
+        schema = SCHEMAS[stage]
     return build(schema, data, "", origin)
 
 

@@ -1,13 +1,13 @@
-"""Recipe sections of the RL stage (C3PO, paper 3.1-3.2 and 4.1.1) and of the pipeline that
-chains distill -> select -> RL stages. Defaults are the paper's values where it gives them."""
+"""The RL recipe (`stage: rl`, C3PO, paper 3.1-3.2 and 4.1.1): its own sections, and the
+shared ones with RL's defaults. Defaults are the paper's values where it gives them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from megatron_ring.recipe.schema import (ClusterSection, LoggingSection, ModelSection, ParallelSection,
-                                         SampledEval, _positive)
+from megatron_ring.recipe.schema import (MOVED_TO_OPTIMIZER, ClusterSection, LoggingSection, ModelSection,
+                                         OptimizerSection, ParallelSection, SampledEval, check_positive)
 from megatron_ring.recipe.typed import FieldError
 
 
@@ -40,8 +40,8 @@ class RolloutSection:
     seed: int = 0
 
     def __post_init__(self):
-        _positive(prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt,
-                  max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds)
+        check_positive(prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt,
+                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds)
 
 
 @dataclass
@@ -63,29 +63,34 @@ class RLSection:
     ppo_epochs: int = 1  # optimizer steps on each step's selected tokens
 
     def __post_init__(self):
-        _positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
+        check_positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
         if self.tis_cap < 0:
             raise FieldError(f"must be >= 0 (0: off), got {self.tis_cap}", "tis_cap")
 
 
 @dataclass
-class RLTrainSection:
-    steps: int = 100
-    micro_batch: int = 1  # sequences per forward/backward
+class RLOptimizerSection(OptimizerSection):
+    """The optimizer keys with RL's defaults (lr 3e-6, constant after warmup)."""
+
     lr: float = 3e-6
-    min_lr: float = 0.0
-    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"  # constant after warmup
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     warmup_frac: float = 0.0
     weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+
+
+@dataclass
+class RLTrainSection:
+    MOVED: ClassVar[dict[str, str]] = MOVED_TO_OPTIMIZER
+
+    steps: int = 100
+    micro_batch: int = 1  # sequences per forward/backward
     save_every_steps: int = 10
     seed: int = 1234
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self):
-        _positive(steps=self.steps, micro_batch=self.micro_batch, lr=self.lr)
+        check_positive(steps=self.steps, micro_batch=self.micro_batch)
 
 
 @dataclass
@@ -97,7 +102,7 @@ class RewardSection:
     float_tolerance: float = 0.0  # |got - expected| allowed for floats in function results; a row's own wins
 
     def __post_init__(self):
-        _positive(workers=self.workers, timeout_s=self.timeout_s)
+        check_positive(workers=self.workers, timeout_s=self.timeout_s)
         if self.float_tolerance < 0:
             raise FieldError(f"must be >= 0, got {self.float_tolerance}", "float_tolerance")
 
@@ -119,6 +124,7 @@ class RLRecipe:
     rl: RLSection = field(default_factory=RLSection)
     reward: RewardSection = field(default_factory=RewardSection)
     train: RLTrainSection = field(default_factory=RLTrainSection)
+    optimizer: RLOptimizerSection = field(default_factory=RLOptimizerSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -134,6 +140,10 @@ class RLRecipe:
         if self.cluster.sglang == "dedicated" and self.rollout.engine != "sglang":
             raise FieldError("dedicated SGLang nodes need rollout.engine=sglang", "cluster.sglang", "rollout.engine")
 
+    def check_batch(self, layout) -> None:
+        """Nothing to split: the token budget (c3po) or the step's responses set the batch, and
+        micro-batches are cut from whatever each rank holds."""
+
     def describe_batch(self, layout) -> str:
         r, ro = self.rl, self.rollout
         if r.loss_mode != "c3po":
@@ -141,28 +151,3 @@ class RLRecipe:
         total = r.token_budget * (layout.dp if r.budget_scope == "per_rank" else 1)
         return (f"c3po: {total} loss tokens per step (Phi {r.token_budget} {r.budget_scope.replace('_', ' ')}), "
                 f"rollouts of {ro.prompts_per_step} prompts x {ro.samples_per_prompt} samples, leftover {r.leftover}")
-
-
-@dataclass
-class PipelineStage:
-    name: str  # its run directory under the pipeline's
-    kind: Literal["distill", "select", "rl"]
-    recipe: str = ""  # path relative to the pipeline recipe (distill, rl)
-    overrides: list[str] = field(default_factory=list)  # key=value; `{pipeline_dir}` is expanded
-
-
-@dataclass
-class PipelineRecipe:
-    """Stages run in order: select chooses among the last distill's checkpoints, the first RL
-    stage starts from that choice and every later RL stage from the previous one's result."""
-
-    stage: Literal["pipeline"] = "pipeline"
-    name: str = "pipeline"
-    stages: list[PipelineStage] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.stages:
-            raise FieldError("at least one stage", "stages")
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise FieldError(f"names must be unique, got {names}", "stages")

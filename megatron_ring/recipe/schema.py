@@ -1,6 +1,9 @@
-"""The recipe schema: one dataclass per section, defaults are the paper's values where it gives
-them. Checks that need only the recipe live here; checks that need the process count are in
-`check_layout`."""
+"""The recipe schema's shared sections (model, parallel, cluster, optimizer, held-out sampling,
+logging), one dataclass each, defaults the paper's values where it gives them; each recipe kind
+adds its own in its module (`distill_schema.py`, `rl_schema.py`, `pipeline_schema.py`; the
+loader maps the `stage` key to them). Checks that need only the recipe live in the sections;
+checks that need the process count are in `check_layout`, which asks the recipe kind to check
+its own batch."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from megatron_ring.platform.layout import Layout, LayoutError
 from megatron_ring.recipe.typed import FieldError, RecipeError
 
 
-def _positive(**values):
+def check_positive(**values):
     for key, value in values.items():
         if value <= 0:
             raise FieldError(f"must be > 0, got {value}", key)
@@ -70,7 +73,7 @@ class ClusterSection:
     sbatch_args: list[str] = field(default_factory=list)  # anything else for #SBATCH (e.g. --qos=high)
 
     def __post_init__(self):
-        _positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s)
+        check_positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s)
         if (self.sglang == "dedicated") != (self.sglang_nodes > 0):
             raise FieldError(f"sglang_nodes {self.sglang_nodes} with sglang {self.sglang}; dedicated "
                              "servers need sglang_nodes > 0, co-located ones none", "sglang", "sglang_nodes")
@@ -85,42 +88,32 @@ class ClusterSection:
         return self.nodes * self.gpus_per_node
 
 
-@dataclass
-class DataSection:
-    train: list[str] = field(default_factory=list)  # SFT jsonl files; `{run_dir}` is expanded
-    tokenizer: str = ""  # Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json)
-    seq_length: int = 32768  # packing length = context
-    pack: bool = True  # pack documents into rows (no attention across them); else pad each alone
-    bad_rows: Literal["skip", "fail"] = "fail"
-    demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
-    demo_sft_rows: int = 6000  # SFT rows of that data set
-
-    def __post_init__(self):
-        _positive(seq_length=self.seq_length)
+OPTIMIZER_KEYS = ("lr", "min_lr", "lr_schedule", "warmup_frac", "weight_decay", "clip_grad",
+                  "adam_beta1", "adam_beta2")
 
 
 @dataclass
-class TrainSection:
-    epochs: int = 3
-    global_batch: int = 256  # rows (packed sequences) per optimizer step
-    micro_batch: int = 1  # rows per forward/backward
+class OptimizerSection:
+    """AdamW and its learning-rate schedule (distillation's values: paper 4.1.1, SFT); RL
+    recipes take `RLOptimizerSection`, the same keys with RL's defaults."""
+
     lr: float = 3e-4
     min_lr: float = 0.0
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_frac: float = 0.01
-    weight_decay: float = 0.1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # constant: after warmup
+    warmup_frac: float = 0.01  # of the optimizer steps, linear from 0
+    weight_decay: float = 0.1  # decoupled (AdamW)
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    save_every_steps: int = 0  # 0: only at the end of each epoch
-    save_initial: bool = False  # also save step 0 (the untrained baseline for `select`)
-    seed: int = 1234
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
-        _positive(epochs=self.epochs, global_batch=self.global_batch, micro_batch=self.micro_batch, lr=self.lr)
+        check_positive(lr=self.lr)
         if not 0 <= self.warmup_frac < 1:
             raise FieldError(f"must be in [0, 1), got {self.warmup_frac}", "warmup_frac")
+
+
+# A train section still naming an optimizer key is told where it went (`typed.build`).
+MOVED_TO_OPTIMIZER: dict[str, str] = {key: f"optimizer.{key}" for key in OPTIMIZER_KEYS}
 
 
 @dataclass
@@ -137,20 +130,8 @@ class SampledEval:
     seed: int = 0
 
     def __post_init__(self):
-        _positive(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
-                  temperature=self.temperature, batch_size=self.batch_size)
-
-
-@dataclass
-class SelectSection(SampledEval):
-    entropy_low: float = 0.3
-    entropy_high: float = 0.5
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.entropy_low < self.entropy_high:
-            raise FieldError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})",
-                             "entropy_low", "entropy_high")
+        check_positive(samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+                       temperature=self.temperature, batch_size=self.batch_size)
 
 
 @dataclass
@@ -160,30 +141,6 @@ class LoggingSection:
     progress: bool = True
 
 
-@dataclass
-class DistillRecipe:
-    stage: Literal["distill"] = "distill"
-    name: str = "distill"
-    model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    cluster: ClusterSection = field(default_factory=ClusterSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    select: SelectSection = field(default_factory=SelectSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-
-    def __post_init__(self):
-        if self.cluster.sglang != "colocated":
-            raise FieldError("dedicated SGLang nodes serve RL rollouts; a distill recipe has none", "cluster.sglang")
-
-
-def schemas() -> dict:
-    """Recipe classes by their `stage` key."""
-    from megatron_ring.recipe.rl_schema import PipelineRecipe, RLRecipe
-
-    return {"distill": DistillRecipe, "rl": RLRecipe, "pipeline": PipelineRecipe}
-
-
 def expand(path: str, run_dir: str | os.PathLike) -> str:
     """Recipe paths may name the run directory as `{run_dir}`."""
     return path.replace("{run_dir}", str(run_dir))
@@ -191,28 +148,19 @@ def expand(path: str, run_dir: str | os.PathLike) -> str:
 
 def check_layout(recipe, world_size: int | None = None) -> Layout:
     """The parallel layout at the recipe's (or the given) process count, checked against the
-    model and the batch sizes; errors name the recipe keys."""
+    model and the recipe's batch (its kind's `check_batch`); errors name the recipe keys."""
     world = world_size or recipe.cluster.world_size
     layout = Layout(tp=recipe.parallel.tp, ep=recipe.parallel.ep, world_size=world)
     try:
         layout.validate(recipe.model.arch())
     except LayoutError as e:
         raise RecipeError(f"parallel: {e}") from None
-    per_step = layout.dp * recipe.train.micro_batch
-    if hasattr(recipe.train, "global_batch") and recipe.train.global_batch % per_step:
-        raise RecipeError(
-            f"train.global_batch: {recipe.train.global_batch} rows do not split into micro-batches of "
-            f"{recipe.train.micro_batch} over {layout.dp} data-parallel ranks (need a multiple of {per_step})")
+    recipe.check_batch(layout)
     return layout
 
 
 def describe_layout(recipe, layout: Layout) -> str:
-    t = recipe.train
-    text = (f"world {layout.world_size} = {recipe.cluster.nodes} node(s) x {recipe.cluster.gpus_per_node}; "
+    """The layout and the batch in one line (--dry-run)."""
+    return (f"world {layout.world_size} = {recipe.cluster.nodes} node(s) x {recipe.cluster.gpus_per_node}; "
             f"TP {layout.tp} (sequence parallel {'on' if layout.sequence_parallel else 'off'}) x DP {layout.dp}; "
-            f"EP {layout.ep} x expert-DP {layout.world_size // layout.ep}; ")
-    if not hasattr(t, "global_batch"):  # RL: the token budget sets the batch
-        return text + recipe.describe_batch(layout)
-    micro_per_rank = t.global_batch // (layout.dp * t.micro_batch)
-    return text + (f"global batch {t.global_batch} = DP {layout.dp} x micro-batch {t.micro_batch} x "
-                   f"{micro_per_rank} accumulation steps")
+            f"EP {layout.ep} x expert-DP {layout.world_size // layout.ep}; " + recipe.describe_batch(layout))

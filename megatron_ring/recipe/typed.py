@@ -1,7 +1,9 @@
 """Plain dicts -> typed dataclasses, with every error naming the key path and where it was set.
 
 The schema is the dataclasses themselves (Megatron's way: configs are dataclasses); this module
-only walks their type hints, so a new field needs no second declaration anywhere.
+only walks their type hints, so a new field needs no second declaration anywhere. A dataclass
+may name keys that moved elsewhere in a class attribute `MOVED` ({old key: new key path}): a
+recipe still using one is told where it went.
 """
 
 from __future__ import annotations
@@ -87,10 +89,15 @@ def build(cls, data, path: str, origin: dict):
         _fail(path or "(top)", origin, f"expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED", {})  # old key -> its key path now, for recipes written before
     for key in data:
+        if key in moved:
+            _fail(_join(path, key), origin, f"unknown key: it moved to {moved[key]}")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(fields)}"
+            close = difflib.get_close_matches(str(key), list(fields) + list(moved), n=1)
+            hint = (f"; known keys: {sorted(fields)}" if not close else
+                    f" (did you mean {close[0]!r}?)" if close[0] in fields else
+                    f" (did you mean {close[0]!r}? it moved to {moved[close[0]]})")
             _fail(_join(path, key), origin, f"unknown key{hint}")
     kwargs = {}
     for name, field in fields.items():

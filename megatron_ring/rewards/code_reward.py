@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from megatron_ring.rewards.code_tests import PYTHON_LANGUAGES, CodeTests, code_tests, judge
+from megatron_ring.data.code_tests import PYTHON_LANGUAGES, CodeTests, code_tests
+from megatron_ring.rewards.code_judge import judge
 from megatron_ring.rewards.sandbox import SandboxLimits, run_job
 
 
@@ -26,19 +27,22 @@ class SandboxResult:
     error: str | None = None  # the first failure, None when all passed
 
 
-_defaults = {"hide": (), "limits": SandboxLimits(), "float_tolerance": 0.0}
+@dataclass(frozen=True)
+class CodeRewardSettings:
+    """How code is scored, bound to a reward pool (or a held-out evaluation) and passed to every
+    score call: `hide` the host paths (run directory, checkpoints) the sandbox covers, `limits`
+    the sandbox's, `float_tolerance` that of function results for rows without their own (the
+    recipe's reward.float_tolerance)."""
 
+    hide: tuple[str, ...] = ()
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    float_tolerance: float = 0.0
 
-def configure_sandbox(hide=None, limits: SandboxLimits | None = None, float_tolerance: float | None = None) -> None:
-    """Process-wide defaults for score_code (a reward worker sets them once): the run's hidden
-    paths, the sandbox limits, and the float tolerance of function results for rows without
-    their own (the recipe's reward.float_tolerance)."""
-    if hide is not None:
-        _defaults["hide"] = tuple(str(p) for p in hide)
-    if limits is not None:
-        _defaults["limits"] = limits
-    if float_tolerance is not None:
-        _defaults["float_tolerance"] = float(float_tolerance)
+    def __post_init__(self):
+        object.__setattr__(self, "hide", tuple(str(p) for p in self.hide))
+        if not self.float_tolerance >= 0:
+            raise ValueError(f"float tolerance must be >= 0, got {self.float_tolerance}")
+        object.__setattr__(self, "float_tolerance", float(self.float_tolerance))
 
 
 _FENCE_LANGUAGE = re.compile(r"[ \t]*([\w+#.-]*)")
@@ -75,9 +79,8 @@ def extract_program(response: str) -> str | None:
     return code if code.strip() else None
 
 
-def sandbox_budget_s(row: dict, limits: SandboxLimits | None = None) -> float:
+def sandbox_budget_s(row: dict, limits: SandboxLimits) -> float:
     """The sandbox's own wall clock for scoring a response to this row (startup + its cases)."""
-    limits = limits or _defaults["limits"]
     try:
         cases = len(code_tests(row).cases)
     except ValueError:
@@ -85,16 +88,15 @@ def sandbox_budget_s(row: dict, limits: SandboxLimits | None = None) -> float:
     return limits.total_timeout_s(cases)
 
 
-def run_code(program: str, tests: CodeTests, limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
+def run_code(program: str, tests: CodeTests, settings: CodeRewardSettings) -> SandboxResult:
     """Run `program` on every case of `tests` in one sandbox; stops at the first failure."""
-    limits = limits or _defaults["limits"]
-    hide = _defaults["hide"] if hide is None else tuple(str(p) for p in hide)
-    tol = _defaults["float_tolerance"] if tests.float_tolerance is None else tests.float_tolerance
+    tol = settings.float_tolerance if tests.float_tolerance is None else tests.float_tolerance
     cases = tests.cases
     if tests.test_type == "unit":
         cases = [{**case, "nonce": secrets.token_hex(16)} for case in cases]
     total = len(cases)
-    lines = run_job({"program": program, "mode": tests.test_type, "cases": cases}, limits, hide, total)
+    lines = run_job({"program": program, "mode": tests.test_type, "cases": cases}, settings.limits,
+                    settings.hide, total)
     passed, error = 0, None
     try:
         for result in lines:
@@ -115,17 +117,17 @@ def run_code(program: str, tests: CodeTests, limits: SandboxLimits | None = None
     return SandboxResult(passed, total, passed == total, None if passed == total else error)
 
 
-def run_tests(program: str, tests: list[dict], test_type: str = "stdio", fn_name: str | None = None,
-              limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
+def run_tests(program: str, tests: list[dict], settings: CodeRewardSettings, test_type: str = "stdio",
+              fn_name: str | None = None) -> SandboxResult:
     """run_code on {input, output} cases given directly (stdio or function tests)."""
     try:
         parsed = code_tests({"code_test_cases": tests, "test_type": test_type, "fn_name": fn_name})
     except ValueError as e:
         return SandboxResult(0, len(tests), False, str(e))
-    return run_code(program, parsed, limits, hide)
+    return run_code(program, parsed, settings)
 
 
-def check_code(response: str, row: dict, limits: SandboxLimits | None = None, hide=None) -> SandboxResult:
+def check_code(response: str, row: dict, settings: CodeRewardSettings) -> SandboxResult:
     """The code reward with its reason: the response's program against the row's tests."""
     try:
         tests = code_tests(row)
@@ -134,14 +136,14 @@ def check_code(response: str, row: dict, limits: SandboxLimits | None = None, hi
     program = extract_program(response)
     if program is None:
         return SandboxResult(0, len(tests.cases), False, "no ``` code block in the response")
-    return run_code(program, tests, limits, hide)
+    return run_code(program, tests, settings)
 
 
-def code_verdict(response: str, row: dict) -> tuple[float, str | None]:
+def code_verdict(response: str, row: dict, settings: CodeRewardSettings) -> tuple[float, str | None]:
     """(reward, why it is 0): what the reward pool reports, so `megatron-ring score` can say why."""
-    result = check_code(response, row)
+    result = check_code(response, row, settings)
     return (1.0 if result.all_passed else 0.0), result.error
 
 
-def score_code(response: str, row: dict) -> float:
-    return code_verdict(response, row)[0]
+def score_code(response: str, row: dict, settings: CodeRewardSettings) -> float:
+    return code_verdict(response, row, settings)[0]

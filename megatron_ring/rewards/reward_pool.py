@@ -7,7 +7,13 @@ number of cases plus a margin, so a correct program with slow or many cases is n
 
 Workers are started with "spawn": the trainer has torch and gloo threads, which fork would copy in
 a broken state. Each item runs in a worker's main thread, where Math-Verify's signal.alarm
-timeouts work."""
+timeouts work.
+
+Every reward function is fn(response, row, settings) -> reward, or (reward, why it is 0), where
+settings (CodeRewardSettings: hidden paths, sandbox limits, float tolerance) are the pool's own,
+given at construction and sent to each worker: nothing is configured process-wide. `score_one`
+is what a worker does for one item; a caller scoring in its own process (held-out evaluation)
+calls it with its settings."""
 
 from __future__ import annotations
 
@@ -18,21 +24,21 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from megatron_ring.rewards.choice_reward import score_choice
-from megatron_ring.rewards.code_reward import code_verdict, configure_sandbox, run_tests, sandbox_budget_s
-from megatron_ring.rewards.sandbox import SandboxLimits, bwrap_path
+from megatron_ring.rewards.code_reward import CodeRewardSettings, code_verdict, run_tests, sandbox_budget_s
 from megatron_ring.rewards.math_reward import score_math
+from megatron_ring.rewards.sandbox import bwrap_path
 
 
-def math_reward(response: str, row: dict) -> float:
+def math_reward(response: str, row: dict, settings: CodeRewardSettings) -> float:
     return score_math(response, str(row["answer"]))
 
 
-def choice_reward(response: str, row: dict) -> float:
+def choice_reward(response: str, row: dict, settings: CodeRewardSettings) -> float:
     return score_choice(response, str(row["answer"]))
 
 
-# domain -> fn(response, row) -> reward, or (reward, why it is 0): code says which case failed;
-# row is the whole prompt row (PromptRow.row).
+# domain -> fn(response, row, settings) -> reward, or (reward, why it is 0): code says which case
+# failed; row is the whole prompt row (PromptRow.row).
 REWARD_FNS = {"math": math_reward, "science": choice_reward, "code": code_verdict}
 
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy on a loaded machine
@@ -51,9 +57,22 @@ def verdict(value) -> tuple[float, str | None]:
     return (float(value[0]), value[1]) if isinstance(value, tuple) else (float(value), None)
 
 
-def _serve(conn, fns: dict, sandbox: dict) -> None:
+def score_one(domain: str, response: str, row: dict, settings: CodeRewardSettings,
+              fns: dict | None = None) -> RewardResult:
+    """One item scored in this process, without a deadline (what a pool's worker does): a domain
+    without a reward function, or a verifier that raises, scores 0 with the reason."""
+    fns = REWARD_FNS if fns is None else fns
+    if domain not in fns:
+        return RewardResult(0.0, error=f"no reward function for domain {domain!r}")
+    try:
+        reward, error = verdict(fns[domain](response, row, settings))
+    except Exception as e:  # a verifier's bug scores 0, it does not stop the run
+        reward, error = 0.0, f"{type(e).__name__}: {e}"
+    return RewardResult(reward, False, error)
+
+
+def _serve(conn, fns: dict, settings: CodeRewardSettings) -> None:
     """The worker: one item at a time, in this process's main thread."""
-    configure_sandbox(**sandbox)
     conn.send("ready")
     while True:
         try:
@@ -63,17 +82,14 @@ def _serve(conn, fns: dict, sandbox: dict) -> None:
         if message is None:
             return
         index, domain, response, row = message
-        try:
-            reward, error = verdict(fns[domain](response, row))
-        except Exception as e:  # a verifier's bug scores 0, it does not stop the run
-            reward, error = 0.0, f"{type(e).__name__}: {e}"
-        conn.send((index, reward, error))
+        result = score_one(domain, response, row, settings, fns)
+        conn.send((index, result.reward, result.error))
 
 
 class _Worker:
-    def __init__(self, ctx, fns: dict, sandbox: dict):
+    def __init__(self, ctx, fns: dict, settings: CodeRewardSettings):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, fns, sandbox), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(child, fns, settings), daemon=True,
                                    name="reward-worker")
         self.process.start()
         child.close()
@@ -91,29 +107,26 @@ class _Worker:
 class RewardPool:
     """score([(domain, response, row), ...]) -> [RewardResult] in input order.
 
-    `fns` replaces the domain -> reward table (module-level functions: they are pickled to the
-    workers); `hide` are host paths (the run directory, checkpoints) code never sees; `limits` the
-    sandbox's; `float_tolerance` that of function results for rows without their own."""
+    `settings` (CodeRewardSettings: the host paths code never sees, the sandbox limits, the float
+    tolerance of function results for rows without their own) go to every worker with each item's
+    reward fn; `fns` replaces the domain -> reward table (module-level functions: they are pickled
+    to the workers)."""
 
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, hide=(), fns: dict | None = None,
-                 limits: SandboxLimits | None = None, float_tolerance: float = 0.0):
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0,
+                 settings: CodeRewardSettings | None = None, fns: dict | None = None):
         if workers < 1:
             raise ValueError(f"reward workers must be >= 1, got {workers}")
-        if not float_tolerance >= 0:
-            raise ValueError(f"float tolerance must be >= 0, got {float_tolerance}")
         self.timeout_s = timeout_s
         self.fns = dict(REWARD_FNS if fns is None else fns)
-        self.hide = tuple(str(p) for p in hide)
-        self.limits = limits or SandboxLimits()
-        self._sandbox = {"hide": self.hide, "limits": self.limits, "float_tolerance": float_tolerance}
+        self.settings = CodeRewardSettings() if settings is None else settings
         if self.fns.get("code") is code_verdict:
-            _check_sandbox(self.hide, self.limits)
+            _check_sandbox(self.settings)
         self._ctx = mp.get_context("spawn")
         self._workers = [self._spawn() for _ in range(workers)]
         self._closed = False
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fns, self._sandbox)
+        return _Worker(self._ctx, self.fns, self.settings)
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -142,7 +155,7 @@ class RewardPool:
     def deadline_s(self, domain: str, row: dict) -> float:
         """How long an item may take: code, the sandbox's budget for its cases + CODE_MARGIN_S."""
         if domain == "code" and self.fns.get("code") is code_verdict:
-            return sandbox_budget_s(row, self.limits) + CODE_MARGIN_S
+            return sandbox_budget_s(row, self.settings.limits) + CODE_MARGIN_S
         return self.timeout_s
 
     def _collect(self, results: list) -> None:
@@ -202,9 +215,9 @@ class RewardPool:
             self.close()
 
 
-def _check_sandbox(hide: tuple, limits: SandboxLimits) -> None:
+def _check_sandbox(settings: CodeRewardSettings) -> None:
     """Fail at startup, not as a silent 0 on every code item, when the sandbox cannot run."""
     bwrap_path()
-    result = run_tests("print(input())", [{"input": "ok\n", "output": "ok\n"}], limits=limits, hide=hide)
+    result = run_tests("print(input())", [{"input": "ok\n", "output": "ok\n"}], settings)
     if not result.all_passed:
         raise RuntimeError(f"the code sandbox fails a trivial program: {result.error}")

@@ -18,10 +18,10 @@ outputs). Layers:
 - a cgroup per sandbox (`sandbox_cgroup.py`) where the host delegates one: memory.max and pids.max
   for everything in it together. `memory_bound()` says which bound holds on this host.
 - per-case rlimits (CPU, address space, processes, file size, open files, no core) set by the
-  harness (`sandbox_harness.py`) inside the sandbox on each program process, a per-case wall clock
-  that kills the case's process group and every other process in the sandbox's pid namespace,
-  capped output, and an outer wall clock that kills bwrap (its pid namespace and everything in it
-  goes with it).
+  harness (`sandbox_harness.py`: a program whose text runs there, never imported here) inside
+  the sandbox on each program process, a per-case wall clock that kills the case's process group
+  and every other process in the sandbox's pid namespace, capped output, and an outer wall clock
+  that kills bwrap (its pid namespace and everything in it goes with it).
 
 One sandbox runs one job (a program and its cases): the harness reads the job on stdin and writes
 one JSON line per case. Without bwrap we raise: code is never run unsandboxed."""
@@ -29,6 +29,7 @@ one JSON line per case. Without bwrap we raise: code is never run unsandboxed.""
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 import os
 import re
@@ -41,7 +42,6 @@ import time
 from dataclasses import asdict, dataclass
 
 from megatron_ring.rewards import sandbox_cgroup
-from megatron_ring.rewards.sandbox_harness import HARNESS
 
 SANDBOX_UID = 65534  # nobody: what bwrap runs as when we are root
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # bound when present
@@ -233,7 +233,14 @@ def bwrap_argv(limits: SandboxLimits, hide=()) -> list[str]:
             "--chdir", "/tmp/box", "--clearenv",
             "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", "/tmp/box",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            "--", python, "-I", "-c", HARNESS]
+            "--", python, "-I", "-c", program_text("sandbox_harness.py")]
+
+
+@functools.cache
+def program_text(name: str) -> str:
+    """The source of one of the programs the sandbox runs (`sandbox_harness.py`, `sandbox_driver.py`):
+    files of this package, read as text and passed to the sandbox's interpreter, never imported."""
+    return importlib.resources.files("megatron_ring.rewards").joinpath(name).read_text()
 
 
 def _as_unprivileged() -> dict:
@@ -412,10 +419,10 @@ def _kill_sandbox(proc: subprocess.Popen, info, info_text: bytearray) -> None:
 
 
 def run_job(job: dict, limits: SandboxLimits, hide=(), cases: int = 1):
-    """Run the harness on `job` (program, mode, cases; the limits are added) in a fresh sandbox.
-    Yields one dict per case as the harness reports it, then a {"status": "sandbox ..."} line;
+    """Run the harness on `job` (program, mode, cases; the limits and the driver are added) in a
+    fresh sandbox. Yields one dict per case as the harness reports it, then a {"status": "sandbox ..."} line;
     closing the generator kills the sandbox."""
-    payload = json.dumps({**job, "limits": asdict(limits)}).encode()
+    payload = json.dumps({**job, "limits": asdict(limits), "driver": program_text("sandbox_driver.py")}).encode()
     argv = bwrap_argv(limits, hide)
     _announce(limits)
     return _sandbox_lines(argv, payload, limits.total_timeout_s(cases), limits)

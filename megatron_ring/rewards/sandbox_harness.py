@@ -1,63 +1,21 @@
 """The harness that runs inside the sandbox as its pid 1 (stdlib only, Python 3.8+): it reads a
-job (program, mode, cases, limits) on stdin, runs each case as its own process under rlimits and a
-wall clock, and writes one JSON line per case on stdout. Kept as text: it is passed to the
-sandbox's interpreter with `-c`, never imported on the host."""
+job (program, mode, cases, limits, driver) on stdin, runs each case as its own process under
+rlimits and a wall clock, and writes one JSON line per case on stdout.
 
-HARNESS = r'''
-import json, os, resource, selectors, signal, subprocess, sys, time
+A program, not a library: `sandbox.py` reads this file's text (importlib.resources) and runs it
+with the sandbox's interpreter (`python -I -c TEXT`), since no host path of the package is inside
+the sandbox. Importing it runs nothing. Function and unit cases run the job's `driver`
+(`sandbox_driver.py`, sent by the host the same way) in each case's process."""
 
-DRIVER = """
-import io, json, os, sys
-
-
-def report(e, test):
-    line, tb = 0, e.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "test":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    source = test.splitlines()[line - 1].strip()[:200] if line else ""
-    message = " ".join(str(e).split())[:200]
-    sys.stderr.write("test line %d failed: %s (%s)" % (line, source, type(e).__name__ + (": " + message if message else "")))
-
-
-def main():
-    # Bound before the program runs: it may rebind builtins (exec, print, sys.exit) in this process.
-    run, build, say, real = exec, compile, print, sys.stdout
-    # mode: function (spec: fn_name, args) or unit (spec: test, nonce). The spec file goes before
-    # the program runs: a unit test's asserts are the expected answers.
-    mode, spec_path = sys.argv[1], sys.argv[2]
-    with open(spec_path) as f:
-        spec = json.load(f)
-    os.unlink(spec_path)
-    sys.stdout = io.StringIO()
-    scope = {"__name__": "solution"}
-    with open("main.py") as f:
-        run(build(f.read(), "main.py", "exec"), scope)
-    if mode == "function":
-        name = spec["fn_name"]
-        fn = scope.get(name)
-        if fn is None and isinstance(scope.get("Solution"), type):
-            fn = getattr(scope["Solution"](), name, None)
-        if not callable(fn):
-            raise NameError("no function %r in the program" % name)
-        result = json.dumps(fn(*spec["args"]))
-    else:
-        test, nonce = spec["test"], spec.pop("nonce")
-        try:
-            run(build(test, "test", "exec"), scope)
-        except Exception as e:
-            report(e, test)
-            sys.exit(1)
-            return  # sys.exit rebound by the program: still no nonce, no pass
-        result = nonce  # printed only when the tests finished
-    sys.stdout = real
-    say()
-    say(result)
-
-
-main()
-"""
+import ctypes
+import json
+import os
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import time
 
 
 def limiter(lim):
@@ -92,7 +50,7 @@ def kill_others():
 def run_case(argv, stdin_path, lim):
     with open(stdin_path, "rb") as stdin:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=limiter(lim), start_new_session=True)
+                                preexec_fn=limiter(lim), start_new_session=True)  # noqa: PLW1509 (one thread)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, "out")
     sel.register(proc.stderr, selectors.EVENT_READ, "err")
@@ -140,7 +98,6 @@ def run_case(argv, stdin_path, lim):
 def main():
     # We are pid 1 of the sandbox (bwrap --as-pid-1): the program cannot signal us. Not dumpable:
     # it cannot reach our stdout, the pipe to the host, through /proc/1/fd either.
-    import ctypes
     if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
     job = json.load(sys.stdin)
@@ -149,15 +106,15 @@ def main():
     for i, case in enumerate(job["cases"]):
         with open("/tmp/box/main.py", "w") as f:  # fresh each case: a program may rewrite itself
             f.write(job["program"])
-        stdin_path, spec_path = "/tmp/.case/stdin%d" % i, "/tmp/.case/spec%d.json" % i
+        stdin_path, spec_path = f"/tmp/.case/stdin{i}", f"/tmp/.case/spec{i}.json"
         with open(stdin_path, "w") as f:
             f.write(case if job["mode"] == "stdio" else "")
         if job["mode"] == "stdio":
             argv = [sys.executable, "-I", "main.py"]
-        else:  # function, unit: DRIVER runs the program and then the call or the tests
+        else:  # function, unit: the driver runs the program and then the call or the tests
             with open(spec_path, "w") as f:
                 json.dump(case, f)
-            argv = [sys.executable, "-I", "-c", DRIVER, job["mode"], spec_path]
+            argv = [sys.executable, "-I", "-c", job["driver"], job["mode"], spec_path]
         result = run_case(argv, stdin_path, lim)
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()
@@ -165,7 +122,5 @@ def main():
             return
 
 
-main()
-'''
-
-
+if __name__ == "__main__":
+    main()

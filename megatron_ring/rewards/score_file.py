@@ -13,7 +13,8 @@ import json
 import time
 
 from megatron_ring.data.jsonl_rows import DataError, read_rows
-from megatron_ring.data.rl_prompts import parse_prompt_row
+from megatron_ring.data.rl_prompts import read_prompts
+from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.rewards.reward_pool import REWARD_FNS, RewardPool
 
 CHUNK = 256  # results are printed chunk by chunk, so a long file shows progress
@@ -27,7 +28,7 @@ def _parse_response(row, where: str) -> tuple[str, str]:
 
 def read_pairs(prompts_path: str, responses_path: str) -> list[tuple]:
     """[(PromptRow, (where, response))], row i with row i."""
-    prompts, _ = read_rows([prompts_path], parse_prompt_row, "RL prompt")
+    prompts = read_prompts([prompts_path])
     responses, _ = read_rows([responses_path], _parse_response, "response")
     if len(prompts) != len(responses):
         n = min(len(prompts), len(responses))
@@ -44,7 +45,7 @@ def score_files(prompts_path: str, responses_path: str, workers: int = 2, timeou
     fns = {domain: REWARD_FNS[domain] for domain in {p.domain for p, _ in pairs}}  # no sandbox check without code
     start = time.monotonic()
     passed = timeouts = 0
-    with RewardPool(workers, timeout_s, fns=fns, float_tolerance=float_tolerance) as pool:
+    with RewardPool(workers, timeout_s, CodeRewardSettings(float_tolerance=float_tolerance), fns) as pool:
         for offset in range(0, len(pairs), CHUNK):
             chunk = pairs[offset:offset + CHUNK]
             results = pool.score([(p.domain, response, p.row) for p, (_, response) in chunk])

@@ -6,18 +6,7 @@ from __future__ import annotations
 
 import random
 
-from megatron_ring.data.jsonl_rows import read_rows
-from megatron_ring.data.rl_prompts import PromptRow, parse_prompt_row
-from megatron_ring.recipe import RecipeError
-
-
-def read_prompts(paths: list[str], domains: list[str], on_bad: str) -> list[PromptRow]:
-    rows, _ = read_rows(paths, parse_prompt_row, "RL prompt", on_bad, 5)
-    if domains:
-        rows = [r for r in rows if r.domain in domains]
-    if not rows:
-        raise RecipeError(f"data.prompts: no prompts of domains {domains or 'any'} in {paths}")
-    return rows
+from megatron_ring.data.rl_prompts import PromptRow
 
 
 class PromptStream:

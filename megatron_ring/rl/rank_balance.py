@@ -43,13 +43,9 @@ def micro_batches(per_rank: list[list[Segment]], micro_batch: int) -> list[list[
     return out
 
 
-def plan(buckets: list[list[Segment]], dp: int, micro_batch: int) -> list[list[MicroBatch]]:
-    """Buckets from fill_buckets -> micro-batches per rank: a per-rank bucket list is used as is
-    (one bucket per rank), a single global bucket is spread over the ranks."""
-    if len(buckets) == dp:
-        per_rank = buckets
-    elif len(buckets) == 1:
-        per_rank = spread(buckets[0], dp)
-    else:
-        raise ValueError(f"{len(buckets)} buckets for {dp} data-parallel ranks")
-    return micro_batches(per_rank, micro_batch)
+def plan(buckets: list[list[Segment]], dp: int, micro_batch: int, per_rank: bool) -> list[list[MicroBatch]]:
+    """Buckets from fill_buckets -> micro-batches per rank. per_rank (StepBudget.per_rank): one
+    bucket per rank, each trained where it was filled; else one bucket spread over the ranks."""
+    if len(buckets) != (dp if per_rank else 1):
+        raise ValueError(f"{len(buckets)} buckets for {dp} data-parallel ranks (per_rank={per_rank})")
+    return micro_batches(buckets if per_rank else spread(buckets[0], dp), micro_batch)

@@ -6,7 +6,7 @@ loss this step. C3PO cuts the response that crosses the budget, so a segment can
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -4,7 +4,7 @@ of that next token. Only a segment's own response tokens [start, end) get a weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +18,7 @@ class RLBatch:
     weights: torch.Tensor  # [b, s] float: the loss mode's per-token weight, 0 off the segment
     advantages: torch.Tensor  # [b, s]
     rollout_logp: torch.Tensor  # [b, s]
-    old_logp: torch.Tensor | None = None  # filled by the trainer's forward-only pass
+    old_logp: torch.Tensor | None = None  # the actor's forward-only passes (a new batch carries them)
     ref_logp: torch.Tensor | None = None
 
     def positions(self) -> torch.Tensor:
@@ -52,9 +52,9 @@ def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm
     return RLBatch(ids, labels, weights, adv, rollout)
 
 
-def truncate_importance(batch: RLBatch, cap: float) -> None:
+def truncate_importance(batch: RLBatch, cap: float) -> RLBatch:
     """Truncated importance sampling: the rollout engine sampled from a slightly different policy
     (other kernels, stale weights for carried segments), so each token's weight is multiplied by
-    min(pi_old / pi_rollout, cap), a correction whose variance the cap bounds."""
+    min(pi_old / pi_rollout, cap), a correction whose variance the cap bounds. Returns a new batch."""
     ratio = torch.exp(batch.old_logp - batch.rollout_logp).clamp(max=cap)
-    batch.weights = torch.where(batch.weights != 0, batch.weights * ratio, batch.weights)
+    return replace(batch, weights=torch.where(batch.weights != 0, batch.weights * ratio, batch.weights))

@@ -1,21 +1,21 @@
 """Held-out accuracy during RL: the policy samples the held-out prompts (the same measurement
-`select` makes of distillation checkpoints) before the first step, every eval.every_steps and
-after the last, so a stage's effect is read off its own metrics."""
+`select` makes of distillation checkpoints, inference/held_out.py) before the first step, every
+eval.every_steps and after the last, so a stage's effect is read off its own metrics."""
 
 from __future__ import annotations
 
+from megatron_ring.data.rl_prompts import read_prompts
+from megatron_ring.inference.held_out import evaluate
+from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.recipe.schema import expand
-from megatron_ring.rewards.code_reward import configure_sandbox
-from megatron_ring.rl.prompt_stream import read_prompts
-from megatron_ring.rollout.base import SamplingParams
-from megatron_ring.selection.evaluate import evaluate
+from megatron_ring.rl.rollouts import code_settings
 
 
 class Evaluator:
     def __init__(self, recipe, run_dir, tokenizer):
         e = self.settings = recipe.eval
-        self.tokenizer, self.run_dir = tokenizer, run_dir
-        configure_sandbox(float_tolerance=recipe.reward.float_tolerance)  # scored in this process, as RL's pool does
+        self.tokenizer = tokenizer
+        self.code = code_settings(recipe, run_dir)  # scored in this process, as the rollouts' pool scores
         self.prompts = []
         if e.prompts:
             self.prompts = read_prompts([expand(e.prompts, run_dir)], recipe.data.domains, "fail")
@@ -31,5 +31,5 @@ class Evaluator:
             return {}
         e = self.settings
         result = evaluate(model, self.tokenizer, self.prompts, e.samples_per_prompt, SamplingParams.of(e),
-                          e.batch_size, self.run_dir)
+                          e.batch_size, self.code)
         return {f"eval_{k}": v for k, v in result.items()}

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ring.inference.sampling import generate
-from megatron_ring.rollout.base import Completion, RolloutEngine, SamplingParams
+from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.base import Completion, RolloutEngine
 
 
 class EmbeddedEngine(RolloutEngine):

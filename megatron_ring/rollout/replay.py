@@ -9,7 +9,8 @@ import json
 import os
 from pathlib import Path
 
-from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
+from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError
 
 
 def round_path(root: str | os.PathLike, first_key: int) -> Path:

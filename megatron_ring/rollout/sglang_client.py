@@ -27,7 +27,8 @@ import urllib.error
 import urllib.request
 from numbers import Real
 
-from megatron_ring.rollout.base import Completion, RolloutError, SamplingParams
+from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.base import Completion, RolloutError
 
 FINISH_TYPES = ("stop", "length", "abort")
 
@@ -139,9 +140,6 @@ class SGLangClient:
         answer = self.post("/generate", body)
         flat = parse_generate(answer, len(rows), f"{self.url}/generate")
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def flush_cache(self) -> None:
-        self.post("/flush_cache")
 
     # -- weights -----------------------------------------------------------------------------
 

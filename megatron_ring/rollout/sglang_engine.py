@@ -13,41 +13,14 @@ import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megatron_ring.platform.distributed import free_port
-from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams
+from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.models.weights import export_hf
+from megatron_ring.platform.distributed import free_port, is_rank0, rank0_then_broadcast
+from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
 from megatron_ring.rollout.weight_sync import WeightBroadcaster, hf_named_tensors, push_from_disk
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def from_rank0(fn):
-    """fn() run on rank 0 only; every rank returns its result or raises its error."""
-    if not _distributed():
-        return fn()
-    box, error = [None], None
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:  # every rank must hear about it, or they wait forever
-            error = e
-            box[0] = ("error", f"{type(e).__name__}: {e}" if not isinstance(e, RolloutError) else str(e))
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    kind, value = box[0]
-    if kind == "error":
-        raise RolloutError(value)
-    return value
 
 
 def _master_address(engine) -> str:
@@ -84,13 +57,12 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"weight_mode must be 'disk' or 'distributed', not {weight_mode!r}")
         if weight_mode == "disk" and weights_dir is None:
             raise ValueError("weight_mode 'disk' needs weights_dir (e.g. RUN_DIR/rollout_weights)")
-        if weight_mode == "distributed" and broadcaster is None and _rank() == 0:
+        if weight_mode == "distributed" and broadcaster is None and is_rank0():
             raise ValueError("weight_mode 'distributed' needs a WeightBroadcaster on rank 0")
         self.client, self.server = client, server
         self.weight_mode, self.export_dtype = weight_mode, export_dtype
         self.weights_dir = None if weights_dir is None else Path(weights_dir)
         self.stop_token_ids, self.broadcaster = stop_token_ids, broadcaster
-        self.version = None
 
     @classmethod
     def connect(cls, url: str, client_options: dict | None = None, **kwargs) -> "SGLangEngine":
@@ -112,7 +84,7 @@ class SGLangEngine(RolloutEngine):
                             ready_timeout_s=ready_timeout_s)
             return server.url
 
-        url = from_rank0(start)
+        url = rank0_then_broadcast(start, RolloutError)
         return cls(SGLangClient(url, **(client_options or {})), server=server, **kwargs)
 
     @classmethod
@@ -125,11 +97,9 @@ class SGLangEngine(RolloutEngine):
         kwargs = {"weights_dir": weights_dir, "stop_token_ids": [tokenizer.eos_id]}
         if ro.url:
             engine = cls.connect(ro.url, **kwargs)
-            from_rank0(lambda: engine.client.wait_healthy(ro.ready_timeout_s))
+            rank0_then_broadcast(lambda: engine.client.wait_healthy(ro.ready_timeout_s), RolloutError)
         else:
-            from megatron_ring.models.weights import export_hf
-
-            if _rank() == 0 and weights_dir.exists():
+            if is_rank0() and weights_dir.exists():
                 shutil.rmtree(weights_dir)
             # The server reads its tokenizer from the model directory: the trainer's goes with it.
             export_hf(model, weights_dir, torch.bfloat16, source=tokenizer.path)
@@ -137,7 +107,7 @@ class SGLangEngine(RolloutEngine):
                                 ready_timeout_s=ro.ready_timeout_s, **kwargs)
         if ro.weight_sync == "distributed":
             engine.weight_mode = "distributed"
-            if _rank() == 0:
+            if is_rank0():
                 engine.broadcaster = WeightBroadcaster(
                     engine.client, _master_address(engine), free_port(),
                     server_world_size=_server_tp(engine, ro.server_args),
@@ -147,22 +117,20 @@ class SGLangEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  keys: list[int] | None = None) -> list[list[Completion]]:
         """Rank 0's prompts are sent; every rank gets their completions (pass the same prompts)."""
-        return from_rank0(lambda: self.client.generate(prompts, n, params, keys, self.stop_token_ids))
+        return rank0_then_broadcast(lambda: self.client.generate(prompts, n, params, keys, self.stop_token_ids),
+                                    RolloutError)
 
     def push_weights(self, model, version: int) -> None:
         if self.weight_mode == "disk":
             self._push_disk(model, version)
         else:
             self._push_distributed(model, version)
-        self.version = version
 
     def _push_disk(self, model, version: int) -> None:
-        from megatron_ring.models.weights import export_hf
-
-        if _rank() == 0 and self.weights_dir.exists():
+        if is_rank0() and self.weights_dir.exists():
             shutil.rmtree(self.weights_dir)  # no shard of an older export may survive
         export_hf(model, self.weights_dir, self.export_dtype)  # collective, ends with a barrier
-        from_rank0(lambda: push_from_disk(self.client, self.weights_dir, version))
+        rank0_then_broadcast(lambda: push_from_disk(self.client, self.weights_dir, version), RolloutError)
 
     def _push_distributed(self, model, version: int) -> None:
         named = hf_named_tensors(model)  # collective: every rank walks it to the end
@@ -174,10 +142,10 @@ class SGLangEngine(RolloutEngine):
                 for _ in named:
                     pass
 
-        if _rank() != 0:
+        if not is_rank0():
             for _ in named:
                 pass
-        from_rank0(send)
+        rank0_then_broadcast(send, RolloutError)
 
     def health(self) -> bool:
         return self.client.health()

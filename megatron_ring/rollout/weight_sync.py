@@ -23,14 +23,14 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_ring.models import hf_convert as conv
 from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient
 
 
 def hf_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for the whole model; collective: every trainer rank iterates."""
-    from megatron_ring.models import hf_convert as conv
-    from megatron_ring.models.weights import gather_full
+    from megatron_ring.models.weights import gather_full  # imports Megatron: the rest of this module needs only torch
 
     for name, full in gather_full(model):
         yield from conv.to_hf(name, full, model.arch).items()

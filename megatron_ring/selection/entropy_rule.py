@@ -7,7 +7,7 @@ wins; equal accuracy goes to the later step (more distilled, still exploring eno
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -17,9 +17,6 @@ class Candidate:
     step: int
     entropy: float
     accuracy: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class NoCheckpointInRange(ValueError):

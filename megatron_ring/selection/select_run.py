@@ -11,13 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from megatron_ring.data.rl_prompts import read_rl_prompts
+from megatron_ring.data.rl_prompts import read_prompts
+from megatron_ring.inference.held_out import evaluate
+from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.models.builder import build_model
 from megatron_ring.platform import distributed
 from megatron_ring.recipe.schema import check_layout, expand
-from megatron_ring.rollout.base import SamplingParams
+from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.selection.entropy_rule import Candidate, NoCheckpointInRange, choose
-from megatron_ring.selection.evaluate import evaluate
 from megatron_ring.train import checkpoint, stage_setup
 from megatron_ring.train.plots import plot_series
 
@@ -43,13 +44,14 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
     distributed.init(layout.tp, layout.ep, seed=recipe.train.seed)
     arch = recipe.model.arch()
     tokenizer = stage_setup.load_tokenizer(recipe, run_dir, arch)
-    prompts, _ = read_rl_prompts(expand(s.prompts, run_dir))
+    prompts = read_prompts([expand(s.prompts, run_dir)])
     if s.max_prompts:
         prompts = prompts[:s.max_prompts]
     params = SamplingParams.of(s)
+    code = CodeRewardSettings(hide=(str(run_dir.resolve()),))  # the run's files hidden from sampled code
     model = build_model(arch, layout, params_dtype=stage_setup.params_dtype(recipe))
     cache = run_dir / "selection" / _settings_key(dataclasses.replace(s, entropy_low=0.0, entropy_high=1.0))
-    rank0 = stage_setup.is_logging_rank()
+    rank0 = distributed.is_rank0()
     rows = []
     paths = checkpoints(run_dir)
     for n, path in enumerate(paths, 1):
@@ -59,7 +61,7 @@ def run(recipe, run_dir: str | Path, as_json: bool = False) -> int:
         else:
             state = checkpoint.load(path, model)
             result = {"path": str(path), "step": state["step"], "epoch": state.get("epoch", 0.0),
-                      **evaluate(model, tokenizer, prompts, s.samples_per_prompt, params, s.batch_size, run_dir)}
+                      **evaluate(model, tokenizer, prompts, s.samples_per_prompt, params, s.batch_size, code)}
             if rank0:
                 cache.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(result))

@@ -11,7 +11,8 @@ global ShardedTensors, a checkpoint saved at one TP/EP layout loads at any other
 Megatron's writer starts a multiprocessing Manager (spawn context) and forks writer processes:
 every entry point that saves must be guarded by `if __name__ == "__main__"` (a spawned helper
 re-imports __main__), and both die with the worker that started them (platform/parent_death.py).
-Megatron is imported only by save and load, so the launcher can check a run's checkpoints cheaply.
+Megatron and torch are imported only by save and load (and platform.distributed, which imports
+torch, only by save), so the launcher can check a run's checkpoints cheaply.
 """
 
 from __future__ import annotations
@@ -37,28 +38,33 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 def save(root: str | os.PathLike, step: int, model, optimizer=None, trainer_state: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. On failure every rank
     raises CheckpointError naming the directory and the cause (errno in words, free space)."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+    import torch.distributed as dist  # deferred, as Megatron: see the module docstring
+    from megatron.core import dist_checkpointing  # deferred: see the module docstring
+
+    from megatron_ring.platform.distributed import rank0_then_barrier  # imports torch: see the module docstring
 
     root = Path(root)
     final = checkpoint_dir.iter_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    rank0 = dist.get_rank() == 0
+
+    def prepare():
+        checkpoint_dir.remove_partial(root)
+        tmp.mkdir(parents=True)
+
+    def finish():  # once every rank has written its shards
+        (tmp / "ling_arch.json").write_text(json.dumps(dataclasses.asdict(model.arch), indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state or {}, step=step), indent=2))
+        checkpoint_dir.seal(tmp, step)
+        checkpoint_dir.publish(tmp, final)
+
     try:
-        if rank0:
-            checkpoint_dir.remove_partial(root)
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        rank0_then_barrier(prepare)
         sharded = {"model": model.sharded_state_dict()}
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_OPTIM_METADATA)
         dist_checkpointing.save(sharded, str(tmp))
         dist.barrier()
-        if rank0:
-            (tmp / "ling_arch.json").write_text(json.dumps(dataclasses.asdict(model.arch), indent=2))
-            (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state or {}, step=step), indent=2))
-            checkpoint_dir.seal(tmp, step)
-            checkpoint_dir.publish(tmp, final)
+        rank0_then_barrier(finish)
     except (KeyboardInterrupt, SystemExit):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,7 +78,6 @@ def save(root: str | os.PathLike, step: int, model, optimizer=None, trainer_stat
             kept = None
         raise CheckpointError(f"{final}: saving the checkpoint failed: {cause}; removed {tmp}; "
                               f"the latest checkpoint is still {kept or 'none'}") from e
-    dist.barrier()
     return final
 
 
@@ -111,7 +116,7 @@ def _prime_optimizer_state(optimizer) -> None:
     """Give a fresh optimizer the state tensors a checkpoint fills in. Megatron's torch-Adam path
     (no apex/TE) reads one shared 'step' from the per-parameter state when building the state
     dict to load into, and its init_state_fn creates only the moments."""
-    import torch
+    import torch  # deferred: see the module docstring
 
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
@@ -150,8 +155,8 @@ def load(path: str | os.PathLike, model, optimizer=None, arch_check: bool = True
     if arch_check:
         check_arch(path, model.arch)
     trainer_state = _read_json(path / "trainer_state.json", "trainer state")
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core import dist_checkpointing  # deferred: see the module docstring
+    from megatron.core.dist_checkpointing.validation import StrictHandling  # deferred: as above
 
     sharded = {"model": model.sharded_state_dict()}
     if optimizer is not None:

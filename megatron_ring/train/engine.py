@@ -1,4 +1,4 @@
-"""One optimizer step with Megatron's own DDP, distributed optimizer and forward-backward schedule.
+"""Megatron's own DDP, distributed optimizer, scheduler and forward-backward schedule, and the SFT loss.
 
 The loss is a sum over tokens divided by the number of loss tokens in the whole global batch
 (Megatron's calculate_per_token_loss mode): every micro-batch returns (sum, count), DDP sums
@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ring.models.lm_loss import token_entropy, token_nll
+from megatron_ring.ops import logprob_entropy
 from megatron_ring.platform.distributed import to_device
+from megatron_ring.train.lm_head import flat, head_args, hidden_tokens, unwrap
 
 
 @dataclass
@@ -78,32 +80,30 @@ def build_scheduler(optimizer, *, lr: float, total_steps: int, warmup_steps: int
     )
 
 
-def _loss_func(batch: Batch, true_vocab: int, logits: torch.Tensor):
-    mask = batch.loss_mask.float()
-    # Entropy first: Megatron's vocab-parallel cross entropy works in place on the logits.
-    entropy_sum = (token_entropy(logits.detach(), true_vocab) * mask).sum()
-    nll = token_nll(logits, batch.labels, true_vocab)
-    loss_sum = (nll * mask).sum()
+def _loss_func(batch: Batch, model, hidden: torch.Tensor):
+    """Token NLL sum and entropy sum of one micro-batch, from the final hidden states and the
+    vocabulary-parallel output weight (ops.logprob_entropy: no [tokens, vocabulary] logits)."""
+    mask = flat(batch.loss_mask.float())
+    logp, entropy = logprob_entropy(hidden, model.output_weight(), flat(batch.labels), temperature=1.0,
+                                    loss_mask=mask, **head_args(model))
+    loss_sum = -(logp * mask).sum()
+    entropy_sum = (entropy.detach() * mask).sum()
     n_tokens = mask.sum().to(torch.int)
     return loss_sum, n_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum(), entropy_sum])}
 
 
-def _forward_step(true_vocab: int, data_iterator, model):
+def _forward_step(data_iterator, model):
     batch = to_device(next(data_iterator))
-    logits = model(batch.input_ids, batch.positions(), batch.attention_mask)
-    return logits, partial(_loss_func, batch, true_vocab)
+    hidden = hidden_tokens(model, batch.input_ids, batch.positions(), batch.attention_mask)
+    return hidden, partial(_loss_func, batch, unwrap(model))
 
 
 def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False) -> dict:
     """Run the schedule over this rank's micro-batches; returns the mean loss and the mean
     predictive entropy over the data-parallel group's loss tokens, and that token count."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    true_vocab = ddp.module.arch.vocab_size
     b, s = micro_batches[0].input_ids.shape
     reduced = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, true_vocab),
+        forward_step_func=_forward_step,
         data_iterator=iter(micro_batches),
         model=[ddp],
         num_microbatches=len(micro_batches),
@@ -116,13 +116,3 @@ def forward_backward(ddp, micro_batches: list[Batch], forward_only: bool = False
     count = totals[1].clamp(min=1)
     return {"loss": (totals[0] / count).item(), "entropy": (totals[2] / count).item(),
             "tokens": int(totals[1].item())}
-
-
-def train_step(ddp, optimizer, scheduler, micro_batches: Iterable[Batch]) -> dict:
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = forward_backward(ddp, list(micro_batches))
-    ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), update_ok=bool(ok))
-    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ring.data.jsonl_rows import DataError
+from megatron_ring.data.rl_prompts import read_prompts
 from megatron_ring.recipe import RecipeError
 from megatron_ring.recipe.schema import expand
 
@@ -43,14 +44,12 @@ def check_inputs(recipe, run_dir, missing_ok: bool = False) -> list[str]:
             raise DataError(f"{key}: {e}") from None
 
     if recipe.stage == "distill":
-        from megatron_ring.data.sft_rows import check_sft_rows
+        from megatron_ring.data.sft_rows import check_sft_rows  # deferred: tokenizers and jinja2, for distill only
 
         if not recipe.data.train:
             raise RecipeError("data.train: no SFT files given")
         rows("data.train", recipe.data.train, lambda files: check_sft_rows(files, recipe.data.bad_rows))
     else:
-        from megatron_ring.rl.prompt_stream import read_prompts
-
         if not recipe.data.prompts:
             raise RecipeError("data.prompts: no RL prompt files given")
         rows("data.prompts", recipe.data.prompts,

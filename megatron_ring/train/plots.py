@@ -16,10 +16,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_series(records: list[dict], keys: list[str], png: str | Path, title: str, x: str = "step") -> Path | None:
     """One panel per key that any record has, against `x`."""
-    import matplotlib
+    import matplotlib  # deferred: slow to import, and only a written plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
     if not keys:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from megatron_ring.platform.distributed import device
+from megatron_ring.platform.distributed import any_rank
 
 REQUEST = "preempt.request"
 
@@ -26,10 +23,7 @@ def request_path(run_dir: str | Path) -> Path:
 
 def requested(run_dir: str | Path) -> bool:
     """Collective: True on every rank when any rank sees the request."""
-    flag = torch.tensor([float(request_path(run_dir).exists())], device=device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(request_path(run_dir).exists())
 
 
 def save_or_stop(run_dir: str | Path, step: int, total: int, due: bool, save, log, stage: str) -> bool:

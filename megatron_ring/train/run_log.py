@@ -11,6 +11,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from tqdm import tqdm
+
 from megatron_ring.train.plots import plot_series, read_metrics
 
 
@@ -34,8 +36,6 @@ class RunLog:
         if wandb_mode != "disabled":
             self.wandb = _start_wandb(self.run_dir, stage, wandb_mode, wandb_project, config)
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step",
                             file=sys.stderr, dynamic_ncols=True)
 
@@ -70,8 +70,7 @@ class RunLog:
 
 def _start_wandb(run_dir: Path, stage: str, mode: str, project: str, config: dict | None):
     """One wandb run per stage and run directory; a resumed stage continues the same run."""
-    import wandb
-
+    import wandb  # deferred: slow to import, and only needed when wandb logging is on
 
     id_file = run_dir / f".wandb_{stage}_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]

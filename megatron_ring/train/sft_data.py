@@ -16,8 +16,8 @@ import torch
 
 from megatron_ring.data.packing import PackedRows, pack
 from megatron_ring.data.sft_rows import read_sft_rows
+from megatron_ring.platform.distributed import rank0_then_barrier
 from megatron_ring.recipe.schema import expand
-from megatron_ring.train.stage_setup import on_rank0_then_all
 
 
 def _cache_key(recipe, run_dir: Path, tokenizer) -> str:
@@ -47,7 +47,7 @@ def load_rows(recipe, run_dir: Path, tokenizer) -> tuple[PackedRows, dict]:
         os.replace(tmp, cache)
         (run_dir / "data_report.json").write_text(json.dumps(info, indent=2))
 
-    on_rank0_then_all(build)
+    rank0_then_barrier(build)
     saved = torch.load(cache, weights_only=True)
     return PackedRows(**saved["rows"]), saved["report"]
 

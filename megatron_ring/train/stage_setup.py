@@ -7,40 +7,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from megatron_ring.data import demo_data
 from megatron_ring.data.chat_tokenizer import ChatTokenizer
 from megatron_ring.models.builder import build_model
+from megatron_ring.models.weights import load_hf
+from megatron_ring.platform.distributed import rank0_then_barrier
 from megatron_ring.recipe import RecipeError, dump
 from megatron_ring.recipe.schema import expand
+from megatron_ring.train import checkpoint
 from megatron_ring.train.init_source import init_source
-
-
-def is_logging_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def on_rank0_then_all(fn):
-    """Run fn on rank 0 (writes files), then let every rank continue."""
-    if is_logging_rank():
-        fn()
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def save_recipe(recipe, run_dir: Path) -> None:
     def write():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump(recipe))
-    on_rank0_then_all(write)
+    rank0_then_barrier(write)
 
 
 def ensure_demo_data(recipe, run_dir: Path) -> None:
     if not recipe.data.demo:
         return
-    from megatron_ring.data.demo_data import ensure_demo_data as ensure
-
-    on_rank0_then_all(lambda: ensure(expand(recipe.data.demo, run_dir), n_sft=recipe.data.demo_sft_rows))
+    rank0_then_barrier(lambda: demo_data.ensure_demo_data(expand(recipe.data.demo, run_dir),
+                                                          n_sft=recipe.data.demo_sft_rows))
 
 
 def load_tokenizer(recipe, run_dir: Path, arch) -> ChatTokenizer:
@@ -68,9 +58,6 @@ def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
     The source is checked either way (init_source, as the launcher did); its weights are read
     only when load_init (a resumed run reads its own checkpoint instead). model.hf_source is the
     HF directory the weights descend from (None: unknown), which the stage's checkpoints record."""
-    from megatron_ring.models.weights import load_hf
-    from megatron_ring.train import checkpoint
-
     init = init_source(recipe, run_dir)
     arch = recipe.model.arch()
     model = build_model(arch, layout, params_dtype=params_dtype(recipe),

@@ -8,8 +8,8 @@ from megatron.core import parallel_state as ps
 
 from megatron_ring.models.builder import build_model
 from megatron_ring.models.hf_checkpoint import HFReader
-from megatron_ring.models.lm_loss import full_logits
 from megatron_ring.models.weights import hf_state_dict, load_hf
+from megatron_ring.ops import full_logits
 from megatron_ring.platform import distributed
 from megatron_ring.train import checkpoint
 from megatron_ring.train.engine import Batch, forward_backward, wrap_ddp
@@ -50,7 +50,8 @@ def main():
 
     model.eval()
     with torch.no_grad():
-        logits = full_logits(model(batch.input_ids, batch.positions(), None), arch.vocab_size)
+        logits = full_logits(model(batch.input_ids, batch.positions(), None), arch.vocab_size,
+                             ps.get_tensor_model_parallel_group())
     parts = [torch.empty_like(logits) for _ in range(dp)]
     dist.all_gather(parts, logits.contiguous(), group=ps.get_data_parallel_group())
     model.train()

@@ -27,8 +27,9 @@ def run_case(dtype, chunk_tokens, chunk_vocab, tiles) -> dict:
     out = fused_c3po_loss(hidden, weight, *args, true_vocab_size=301, chunk_tokens=chunk_tokens,
                           chunk_vocab=chunk_vocab, impl="triton", **KNOBS)
     out.loss.backward()
-    fwd_logp, fwd_entropy = logprob_entropy(hidden, weight, case["targets"], temperature=KNOBS["temperature"],
-                                            true_vocab_size=301, impl="triton")
+    with torch.no_grad():
+        fwd_logp, fwd_entropy = logprob_entropy(hidden, weight, case["targets"], temperature=KNOBS["temperature"],
+                                                true_vocab_size=301, impl="triton")
     return dict(loss=out.loss.detach(), logp=out.logp, entropy=out.entropy, ratio=out.ratio, kl=out.kl,
                 clip_low=out.clip_low_frac, clip_high=out.clip_high_frac, dh=hidden.grad.float(),
                 dw=weight.grad.float(), fwd_logp=fwd_logp, fwd_entropy=fwd_entropy)

@@ -1,18 +1,20 @@
 """Worker: two documents packed in one row (positions restarting, block-diagonal mask) must give
-the second document the logits it gets alone; also the vocab-parallel entropy of those logits
-against a direct softmax. Saves the differences as JSON (rank 0)."""
+the second document the logits it gets alone; also the vocab-parallel entropy of the packed row
+(ops.logprob_entropy from its hidden states) against a direct softmax of its gathered logits.
+Saves the differences as JSON (rank 0)."""
 
 import argparse
 import json
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_ring.data.packing import document_attention_mask
 from megatron_ring.models.builder import build_model
 from megatron_ring.models.hf_checkpoint import HFReader
-from megatron_ring.models.lm_loss import full_logits, token_entropy
 from megatron_ring.models.weights import load_hf
+from megatron_ring.ops import full_logits, logprob_entropy
 from megatron_ring.platform import distributed
 
 
@@ -40,8 +42,13 @@ def main():
         packed = model(row, positions, document_attention_mask(doc_ids))
         leaky = model(row, torch.arange(48)[None], None)  # plain causal: B sees A
         alone = model(alone_ids, torch.arange(48)[None], None)
-        full = {k: full_logits(v, arch.vocab_size)[0] for k, v in (("packed", packed), ("leaky", leaky), ("alone", alone))}
-        entropy = token_entropy(packed, arch.vocab_size)[0]
+        tp = ps.get_tensor_model_parallel_group()
+        full = {k: full_logits(v, arch.vocab_size, tp)[0]
+                for k, v in (("packed", packed), ("leaky", leaky), ("alone", alone))}
+        hidden = model.hidden_states(row, positions, document_attention_mask(doc_ids))  # [s(/tp), 1, h]
+        _, entropy = logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), model.output_weight(),
+                                     torch.zeros(48, dtype=torch.long), tp_group=tp if layout.tp > 1 else None,
+                                     true_vocab_size=arch.vocab_size, sequence_parallel=model.config.sequence_parallel)
     direct = torch.distributions.Categorical(logits=full["packed"].double()).entropy()
     if dist.get_rank() == 0:
         b = slice(la, la + lb)

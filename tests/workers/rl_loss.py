@@ -2,8 +2,8 @@
 balanced micro-batches; saves the loss, metrics and HF-named gradients (rank 0)."""
 
 import argparse
-import math
 import random
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from megatron_ring.rl import policy_loss, rank_balance, rl_batch
 from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.train.engine import wrap_ddp
 
-PHI = 50.0
+PHI = 50
 CFG = dict(eps_low=0.2, eps_high=0.25, beta=0.1, entropy_coef=0.01)
 
 
@@ -56,11 +56,10 @@ def main():
     load_hf(model, reader)
     ddp = wrap_ddp(model, use_distributed_optimizer=False)
     segs = fixed_segments(reader.arch.vocab_size)
-    mine = rank_balance.plan([segs], ps.get_data_parallel_world_size(), a.micro_batch)[ps.get_data_parallel_rank()]
+    mine = rank_balance.plan([segs], ps.get_data_parallel_world_size(), a.micro_batch, per_rank=False)[ps.get_data_parallel_rank()]
     batches = [rl_batch.build(mb, 1, layout.tp, per_response_norm=False) for mb in mine]
-    for b, logp in zip(batches, policy_loss.token_logprobs(ddp, batches, 1.0)):
-        b.old_logp = logp + offset(b.labels, 0.4, 0.0)
-        b.ref_logp = logp + offset(b.labels, 0.5, 1.0)
+    batches = [replace(b, old_logp=logp + offset(b.labels, 0.4, 0.0), ref_logp=logp + offset(b.labels, 0.5, 1.0))
+               for b, logp in zip(batches, policy_loss.token_logprobs(ddp, batches, 1.0))]
     out = policy_loss.forward_backward(ddp, batches, policy_loss.LossConfig(PHI, **CFG))
     grads = hf_state_dict(model, value=lambda n, p: p.main_grad)
     if dist.get_rank() == 0:

@@ -47,10 +47,10 @@ def format_report(name: str, report: list[dict]) -> str:
 def plot(root: Path, name: str, report: list[dict]) -> Path:
     """Distillation loss, selection (entropy and accuracy per checkpoint), RL reward and
     held-out accuracy of every RL stage, on one page."""
-    import matplotlib
+    import matplotlib  # deferred: slow to import, and only a written plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for r in report:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ring.recipe import RecipeError, load_recipe
-from megatron_ring.rl import pipeline_report
+from megatron_ring.pipeline import report as pipeline_report
+from megatron_ring.platform import parent_death, run_lock
 from megatron_ring.train import preemption
 
 
@@ -73,8 +74,6 @@ def stage_runs(path: str, run_dir: str | None, overrides: list[str] = ()) -> tup
 def run_pipeline(path: str, run_dir: str | None, overrides: list[str]) -> int:
     """Each stage in its own processes, in order; a stage stopped for requeue stops the pipeline.
     One pipeline per directory (a lock on it), and each stage dies with the pipeline."""
-    from megatron_ring.platform import parent_death, run_lock
-
     pipe, root, runs = stage_runs(path, run_dir, overrides)
     report = []
     with run_lock.held(root):

@@ -1,0 +1,86 @@
+"""The distillation recipe (`stage: distill`, paper 4.1.1): long-CoT SFT on packed rows, and
+the `select` section that chooses among its checkpoints by entropy (paper 4.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from megatron_ring.recipe.schema import (MOVED_TO_OPTIMIZER, ClusterSection, LoggingSection, ModelSection,
+                                         OptimizerSection, ParallelSection, SampledEval, check_positive)
+from megatron_ring.recipe.typed import FieldError, RecipeError
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # SFT jsonl files; `{run_dir}` is expanded
+    tokenizer: str = ""  # Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json)
+    seq_length: int = 32768  # packing length = context
+    pack: bool = True  # pack documents into rows (no attention across them); else pad each alone
+    bad_rows: Literal["skip", "fail"] = "fail"
+    demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
+    demo_sft_rows: int = 6000  # SFT rows of that data set
+
+    def __post_init__(self):
+        check_positive(seq_length=self.seq_length)
+
+
+@dataclass
+class TrainSection:
+    MOVED: ClassVar[dict[str, str]] = MOVED_TO_OPTIMIZER
+
+    epochs: int = 3
+    global_batch: int = 256  # rows (packed sequences) per optimizer step
+    micro_batch: int = 1  # rows per forward/backward
+    save_every_steps: int = 0  # 0: only at the end of each epoch
+    save_initial: bool = False  # also save step 0 (the untrained baseline for `select`)
+    seed: int = 1234
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self):
+        check_positive(epochs=self.epochs, global_batch=self.global_batch, micro_batch=self.micro_batch)
+
+
+@dataclass
+class SelectSection(SampledEval):
+    entropy_low: float = 0.3
+    entropy_high: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.entropy_low < self.entropy_high:
+            raise FieldError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})",
+                             "entropy_low", "entropy_high")
+
+
+@dataclass
+class DistillRecipe:
+    stage: Literal["distill"] = "distill"
+    name: str = "distill"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    select: SelectSection = field(default_factory=SelectSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self):
+        if self.cluster.sglang != "colocated":
+            raise FieldError("dedicated SGLang nodes serve RL rollouts; a distill recipe has none", "cluster.sglang")
+
+    def check_batch(self, layout) -> None:
+        """The global batch splits into micro-batches over the data-parallel ranks."""
+        t = self.train
+        per_step = layout.dp * t.micro_batch
+        if t.global_batch % per_step:
+            raise RecipeError(
+                f"train.global_batch: {t.global_batch} rows do not split into micro-batches of "
+                f"{t.micro_batch} over {layout.dp} data-parallel ranks (need a multiple of {per_step})")
+
+    def describe_batch(self, layout) -> str:
+        t = self.train
+        micro_per_rank = t.global_batch // (layout.dp * t.micro_batch)
+        return (f"global batch {t.global_batch} = DP {layout.dp} x micro-batch {t.micro_batch} x "
+                f"{micro_per_rank} accumulation steps")
