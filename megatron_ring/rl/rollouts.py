@@ -60,9 +60,14 @@ class Rollouts:
                                     recipe.rollout.seed)
         self.cursor = saved["prompt_cursor"] if saved else 0
         self.pending = [Segment.from_json(s) for s in saved.get("pending", [])] if saved else []
-        self.engine = make_engine(recipe, session.model, self.tokenizer, self.run_dir)
         rw = recipe.reward  # the pool scores on rank 0 only; the others receive its rewards
         self.pool = RewardPool(rw.workers, rw.timeout_s, code_settings(recipe, self.run_dir)) if distributed.is_rank0() else None
+        try:  # the pool first: it fails fast (no sandbox), before a server is started
+            self.engine = make_engine(recipe, session.model, self.tokenizer, self.run_dir)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume the prompt order and the carried tokens exactly."""
