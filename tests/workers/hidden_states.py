@@ -3,7 +3,6 @@ hidden_states() @ output_weight().T (plain causal rows and a packed row with a d
 and a norm_head model must be built as the plain one is (same parameters, same RNG draws, one
 output weight Parameter). Rank 0 saves the measurements as JSON."""
 
-import argparse
 import json
 
 import torch
@@ -13,9 +12,9 @@ from megatron.core import tensor_parallel
 
 from megatron_ring.data.packing import document_attention_mask
 from megatron_ring.models.builder import NormHeadLinear, build_model
-from megatron_ring.models.hf_checkpoint import HFReader
 from megatron_ring.models.weights import load_hf
 from megatron_ring.platform import distributed
+from tests.workers import start_model_worker
 
 
 def _seeded_build(arch, layout, seed=11):
@@ -26,15 +25,8 @@ def _seeded_build(arch, layout, seed=11):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-    layout = distributed.init(a.tp, a.ep)
-    arch = HFReader(a.hf).arch
-    layout = layout.validate(arch)
+    a, layout, reader = start_model_worker(__doc__)
+    arch = reader.arch
 
     plain, rng_plain = _seeded_build(arch.replace(norm_head=False), layout)
     normed, rng_normed = _seeded_build(arch.replace(norm_head=True), layout)
@@ -45,7 +37,7 @@ def main():
     del plain, normed
 
     model = build_model(arch, layout)
-    load_hf(model, HFReader(a.hf))
+    load_hf(model, reader)
     model.eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, arch.vocab_size, (2, 48), generator=g)

@@ -3,7 +3,6 @@ the second document the logits it gets alone; also the vocab-parallel entropy of
 (ops.logprob_entropy from its hidden states) against a direct softmax of its gathered logits.
 Saves the differences as JSON (rank 0)."""
 
-import argparse
 import json
 
 import torch
@@ -12,23 +11,16 @@ from megatron.core import parallel_state as ps
 
 from megatron_ring.data.packing import document_attention_mask
 from megatron_ring.models.builder import build_model
-from megatron_ring.models.hf_checkpoint import HFReader
 from megatron_ring.models.weights import load_hf
 from megatron_ring.ops import full_logits, logprob_entropy
 from megatron_ring.platform import distributed
+from tests.workers import start_model_worker
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-    layout = distributed.init(a.tp, a.ep)
-    reader = HFReader(a.hf)
+    a, layout, reader = start_model_worker(__doc__)
     arch = reader.arch
-    model = build_model(arch, layout.validate(arch))
+    model = build_model(arch, layout)
     load_hf(model, reader)
     model.eval()
     g = torch.Generator().manual_seed(3)

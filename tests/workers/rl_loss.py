@@ -1,7 +1,6 @@
 """Worker: the RL loss through Megatron's schedule at a TP/EP layout, on fixed segments split into
 balanced micro-batches; saves the loss, metrics and HF-named gradients (rank 0)."""
 
-import argparse
 import random
 from dataclasses import replace
 
@@ -10,12 +9,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ring.models.builder import build_model
-from megatron_ring.models.hf_checkpoint import HFReader
 from megatron_ring.models.weights import hf_state_dict, load_hf
 from megatron_ring.platform import distributed
 from megatron_ring.rl import policy_loss, rank_balance, rl_batch
 from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.train.engine import wrap_ddp
+from tests.workers import start_model_worker
 
 PHI = 50
 CFG = dict(eps_low=0.2, eps_high=0.25, beta=0.1, entropy_coef=0.01)
@@ -42,16 +41,7 @@ def offset(labels: torch.Tensor, scale: float, phase: float) -> torch.Tensor:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--hf", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-
-    layout = distributed.init(a.tp, a.ep)
-    reader = HFReader(a.hf)
+    a, layout, reader = start_model_worker(__doc__, micro_batch=2)
     model = build_model(reader.arch, layout)
     load_hf(model, reader)
     ddp = wrap_ddp(model, use_distributed_optimizer=False)
