@@ -98,7 +98,7 @@ def test_micro_batch_tensors_put_loss_on_the_segment_only():
     g = rl_batch.build([Segment(r)], pad_id=1, multiple=1, per_response_norm=True)
     assert torch.allclose(g.weights.sum(), torch.tensor(1.0))  # GRPO: 1/|y| on each of |y| tokens
     dummy = rl_batch.build([], pad_id=1, multiple=2, per_response_norm=False)
-    assert dummy.loss_tokens == 0 and dummy.input_ids.shape == (1, 2)
+    assert not dummy.weights.any() and dummy.input_ids.shape == (1, 2)
 
 
 def test_truncated_importance_weights():

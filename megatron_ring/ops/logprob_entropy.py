@@ -60,7 +60,7 @@ def _plan(hidden, weight, targets, *, temperature, tp_group, vocab_start, true_v
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shard = vocab_parallel.resolve_shard(weight, tp_group, vocab_start, true_vocab_size)
-    rows = hidden.shape[0] * (shard.tp_size if sequence_parallel else 1)
+    rows = token_rows(hidden, tp_group, sequence_parallel)
     if targets.shape != (rows,):
         sp = f" (sequence_parallel: {hidden.shape[0]} local rows x TP {shard.tp_size})" if sequence_parallel else ""
         raise ValueError(f"targets must be [{rows}] to match hidden{sp}; got {tuple(targets.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from megatron_ring.models.presets import LingArch, get_preset
@@ -88,10 +88,6 @@ class ClusterSection:
         return self.nodes * self.gpus_per_node
 
 
-OPTIMIZER_KEYS = ("lr", "min_lr", "lr_schedule", "warmup_frac", "weight_decay", "clip_grad",
-                  "adam_beta1", "adam_beta2")
-
-
 @dataclass
 class OptimizerSection:
     """AdamW and its learning-rate schedule (distillation's values: paper 4.1.1, SFT); RL
@@ -113,7 +109,7 @@ class OptimizerSection:
 
 
 # A train section still naming an optimizer key is told where it went (`typed.build`).
-MOVED_TO_OPTIMIZER: dict[str, str] = {key: f"optimizer.{key}" for key in OPTIMIZER_KEYS}
+MOVED_TO_OPTIMIZER: dict[str, str] = {f.name: f"optimizer.{f.name}" for f in fields(OptimizerSection)}
 
 
 @dataclass

@@ -12,6 +12,7 @@ from megatron_ring.rl.actor import Actor
 from megatron_ring.rl.loss_modes import StepBudget
 from megatron_ring.rl.rl_eval import Evaluator
 from megatron_ring.rl.rollouts import Rollouts, StepData
+from megatron_ring.rl.token_budget import tokens_of
 from megatron_ring.train import preemption
 from megatron_ring.train.init_source import resolve_selection
 from megatron_ring.train.session import Session
@@ -81,7 +82,7 @@ def step_record(recipe, step: int, data: StepData, out: dict, rollouts, session,
             mine = [x.reward for x in fresh if x.domain == d]
             rec[f"accuracy_{d}"] = sum(mine) / len(mine)
     rec.update(responses=len(fresh), rollout_rounds=data.rounds, reward_timeouts=data.reward_timeouts,
-               carried_tokens=sum(s.n_tokens for s in rollouts.pending), step_time_s=round(step_time, 4),
+               carried_tokens=tokens_of(rollouts.pending), step_time_s=round(step_time, 4),
                rollout_time_s=round(data.rollout_time_s, 4), train_time_s=round(step_time - data.rollout_time_s, 4),
                lr=session.optimizer.param_groups[0]["lr"], tokens_per_s=round(data.forward_tokens / step_time, 1))
     rec.update(out)

@@ -20,7 +20,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ring.ops import fused_c3po_loss, logprob_entropy
-from megatron_ring.platform.distributed import device
 from megatron_ring.rl.rl_batch import RLBatch
 from megatron_ring.train.lm_head import flat, head_args, hidden_tokens, unwrap
 
@@ -91,10 +90,6 @@ def _forward_step(cfg: LossConfig, shares, data_iterator, model):
 def forward_backward(ddp, batches: list[RLBatch], cfg: LossConfig) -> dict:
     """Gradients of the RL loss over this rank's micro-batches; returns the step's metrics,
     summed over the data-parallel group."""
-    local = torch.tensor([b.loss_tokens for b in batches], dtype=torch.long, device=device()).sum()
-    dist.all_reduce(local, group=ps.get_data_parallel_group())
-    if int(local) == 0:
-        raise ValueError("no token carries loss this step")
     shares = divisor_shares(int(cfg.divisor), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
                             len(batches))
     b, s = batches[0].input_ids.shape
@@ -104,7 +99,9 @@ def forward_backward(ddp, batches: list[RLBatch], cfg: LossConfig) -> dict:
     totals = torch.stack([r["rl"] for r in reduced]).sum(0)
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     sums = dict(zip(_SUMS, totals.tolist()))
-    n = max(sums["tokens"], 1.0)
+    if sums["tokens"] == 0:  # before the optimizer steps on gradients of nothing
+        raise ValueError("no token carries loss this step")
+    n = sums["tokens"]
     return {"loss": sums["loss"], "tokens_in_loss": int(round(sums["tokens"])),
             "entropy": sums["entropy"] / n, "kl": sums["kl"] / n,
             "clip_frac": (sums["clip_low"] + sums["clip_high"]) / n, "clip_low_frac": sums["clip_low"] / n,

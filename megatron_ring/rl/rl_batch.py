@@ -25,10 +25,6 @@ class RLBatch:
         b, s = self.input_ids.shape
         return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
 
-    @property
-    def loss_tokens(self) -> int:
-        return int((self.weights != 0).sum())
-
 
 def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool) -> RLBatch:
     """per_response_norm: weight 1/|y| (GRPO's per-sample mean), else 1. An empty list gives a
