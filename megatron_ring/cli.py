@@ -148,6 +148,7 @@ def _stage_command(args, stage: str, module: str) -> int:
     input ends the command at once with one message."""
     from megatron_ring.recipe import RecipeError, dump, load_recipe
     from megatron_ring.recipe.schema import check_layout, describe_layout
+    from megatron_ring.rollout.fleet_plan import FleetPlan
     from megatron_ring.train.input_check import check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -156,8 +157,10 @@ def _stage_command(args, stage: str, module: str) -> int:
     run_dir = args.run_dir or os.path.join("runs", recipe.name)
     if args.dry_run:
         layout = check_layout(recipe)
+        fleet = FleetPlan.of(recipe)  # RL with SGLang: the engines, where, the router, the clamp
         missing = check_inputs(recipe, run_dir, missing_ok=True)
         print(dump(recipe) + "# layout: " + describe_layout(recipe, layout)
+              + "".join(f"\n# {line}" for line in (fleet.describe() if fleet else []))
               + "".join(f"\n# not found here, so not checked: {m}" for m in missing))
         return 0
     if "LOCAL_RANK" not in os.environ:
@@ -167,6 +170,7 @@ def _stage_command(args, stage: str, module: str) -> int:
             run_lock.acquire(run_dir)
         nproc = _recipe_world(recipe)
         check_layout(recipe, nproc)
+        FleetPlan.of(recipe)  # an engine fleet that cannot be placed: said before any process starts
         check_inputs(recipe, run_dir)
         from megatron_ring.train import checkpoint_dir, preemption  # torch: after the input checks
 

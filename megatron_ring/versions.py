@@ -25,6 +25,9 @@ SGLANG = "sglang==0.5.23"
 GPU_TORCH = "torch==2.14.1"
 GPU_TORCHVISION = "torchvision==0.29.1"
 
+# The rollout fleet's router (a Rust binary in an abi3 wheel: the same on CPU and GPU machines).
+SGLANG_ROUTER = "sglang-router==0.3.2"
+
 # NVIDIA apex, built from its repository: PyPI's `apex` is an unrelated project.
 APEX_GIT = "https://github.com/NVIDIA/apex.git"
 APEX_REF = "575968bc1f9127ccd61003a681472a83af4ff1a1"
@@ -41,7 +44,7 @@ CPU_EXTRA = [CPU_TORCH, CPU_TRITON]
 TEST_EXTRA = ["pytest", TEST_TRANSFORMERS]
 GPU_EXTRA = [TRANSFORMER_ENGINE, SGLANG]
 # What the GPU image installs from PyPI; apex comes from APEX_GIT.
-IMAGE = [MEGATRON_CORE, TRANSFORMER_ENGINE, SGLANG, GPU_TORCH, GPU_TORCHVISION]
+IMAGE = [MEGATRON_CORE, TRANSFORMER_ENGINE, SGLANG, SGLANG_ROUTER, GPU_TORCH, GPU_TORCHVISION]
 
 
 def name_of(pin: str) -> str:

@@ -10,13 +10,33 @@ received by broadcast in a process group joined the way SGLang joins it (tcp ren
 trainer's store, group-name prefix, torch's own group helper), so a protocol mistake in the
 client shows up as wrong logprobs or a hang, not as a passing test.
 
-Not modelled: KV cache, batching across requests, tokenizer/text, streaming, TP > 1.
+Synthetic mode (`--synthetic-vocab V`), for fleet and scheduling tests where the numbers do not
+matter but lengths and timing do: no model is loaded (--model-path is only reported); every row
+draws its length from a lognormal (median --synthetic-median-len, sigma --synthetic-len-sigma)
+and its token ids in [2, V) and logprobs in [-5, 0) from random.Random(sampling_seed), so a seed
+gives the same answer bit for bit, on any server of a fleet. Of the sampling parameters only
+max_new_tokens, ignore_eos and sampling_seed (and n) count. A push from disk reads nothing: it
+records the version and the path, as a real one would; the distributed push is refused.
+
+Engine-like timing, both modes: --decode-latency-s D makes a request take max(row lengths) x D
+seconds (rows of a request decode together, as in continuous batching; requests overlap), and
+--max-running-requests R holds a request until its rows fit among the R running sequences (a
+request with more rows than R runs alone). /server_info reports context_length (SGLang's
+--context-length, default the config's max_position_embeddings) and /generate refuses rows that
+do not fit in it with SGLang's 400 and wording. Each /generate result also carries
+meta_info.model_path (not an SGLang field) so tests can tell which server of a fleet answered.
+The real sglang-router registers it (/health, /server_info, /model_info; its HTTP/2 attempt is
+answered 505 and it falls back to HTTP/1.1): tests/test_router.py.
+
+Not modelled: KV cache, tokenizer/text, streaming, TP > 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import signal
 import sys
 import threading
@@ -26,12 +46,19 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
+torch = dist = load_file = hf_forward = None  # imported by import_torch(): not in synthetic mode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_reference import hf_forward  # noqa: E402
+
+def import_torch() -> None:
+    """torch takes seconds to import; a synthetic server (of a fleet of them) does not need it."""
+    global torch, dist, load_file, hf_forward
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_reference import hf_forward
+
 
 GREEDY_BELOW = 1e-5  # SGLang samples greedily below this temperature
 
@@ -133,7 +160,55 @@ class Model:
                 break
         meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
                 "completion_tokens": len(out), "cached_tokens": 0, "weight_version": version,
-                "e2e_latency": time.monotonic() - start}
+                "model_path": self.model_path, "e2e_latency": time.monotonic() - start}
+        if return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out)]
+        return {"text": "", "output_ids": out, "meta_info": meta}
+
+
+class SyntheticModel:
+    """Model's interface without a model: seeded random lengths, token ids and logprobs."""
+
+    def __init__(self, model_path: str, vocab: int, eos: int, median_len: float, sigma: float):
+        if vocab <= 2:
+            raise ValueError("--synthetic-vocab must be > 2 (ids are drawn from [2, V))")
+        self.config = {"vocab_size": vocab, "eos_token_id": eos}
+        self.model_path, self.weight_version = model_path, "default"
+        self.mu, self.sigma = math.log(median_len), sigma
+        self.lock = threading.Lock()
+
+    def load_dir(self, path: str, version) -> None:
+        with self.lock:
+            self.model_path = path
+            if version is not None:
+                self.weight_version = str(version)
+
+    def sample(self, prompt: list[int], sp: dict, return_logprob: bool) -> dict:
+        start = time.monotonic()
+        vocab, eos = self.config["vocab_size"], self.config["eos_token_id"]
+        if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise BadRequest(f"input_ids must be a non-empty list of token ids below {vocab}")
+        max_new = int(sp.get("max_new_tokens", 128))
+        seed = sp.get("sampling_seed")
+        rng = random.Random(int(seed) if seed is not None else None)
+        # Drawn first and always, so the ids and logprobs of a seed do not depend on max_new.
+        want = max(1, round(rng.lognormvariate(self.mu, self.sigma)))
+        if sp.get("ignore_eos", False) or want >= max_new:  # SGLang checks length before eos
+            n, finish = max_new, {"type": "length", "length": max_new}
+        else:
+            n, finish = want, {"type": "stop", "matched": eos}
+        span, draw = vocab - 2, rng.random
+        out, lps = [], []
+        for _ in range(n):
+            out.append(2 + int(draw() * span))
+            lps.append((draw() - 1.0) * 5.0)
+        if finish["type"] == "stop":
+            out[-1] = eos
+        with self.lock:
+            version, path = self.weight_version, self.model_path
+        meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+                "completion_tokens": n, "cached_tokens": 0, "weight_version": version,
+                "model_path": path, "e2e_latency": time.monotonic() - start}
         if return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out)]
         return {"text": "", "output_ids": out, "meta_info": meta}
@@ -171,10 +246,48 @@ class WeightGroup:
 
 
 class State:
-    def __init__(self, model: Model):
+    def __init__(self, model, context_length: int, decode_latency_s: float = 0.0,
+                 max_running_requests: int = 0):
         self.model = model
+        self.synthetic = isinstance(model, SyntheticModel)
+        self.context_length = context_length
+        self.decode_latency_s = decode_latency_s
+        self.max_running = max_running_requests  # in sequences (rows), 0: unlimited
+        self.running = 0
+        self.capacity = threading.Condition()
         self.groups: dict[str, WeightGroup] = {}
         self.updating = False  # between /begin_weight_update and /end_weight_update
+
+    def check_length(self, prompt: list, sp: dict) -> None:
+        """SGLang's TokenizerManager check, with its >= and its words."""
+        n_in, max_new = len(prompt), sp.get("max_new_tokens")
+        if n_in >= self.context_length:
+            raise BadRequest(f"The input ({n_in} tokens) is longer than the model's context "
+                             f"length ({self.context_length} tokens).")
+        if max_new is not None and int(max_new) + n_in >= self.context_length:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of "
+                f"{self.context_length} tokens. You requested a total of {int(max_new) + n_in} "
+                f"tokens: {n_in} tokens from the input messages and {int(max_new)} tokens for the "
+                f"completion. Please reduce the number of tokens in the input messages or the "
+                f"completion to fit within the limit.")
+
+    def generate(self, rows, return_logprob: bool) -> list[dict]:
+        """All rows of a request, holding len(rows) of the engine's running slots meanwhile."""
+        k = len(rows)
+        with self.capacity:
+            self.capacity.wait_for(lambda: not self.max_running or self.running == 0
+                                   or self.running + k <= self.max_running)
+            self.running += k
+        try:
+            results = [self.model.sample(p, sp, return_logprob) for p, sp in rows]
+            if self.decode_latency_s > 0:
+                time.sleep(max(len(r["output_ids"]) for r in results) * self.decode_latency_s)
+            return results
+        finally:
+            with self.capacity:
+                self.running -= k
+                self.capacity.notify_all()
 
 
 def _rows(body: dict):
@@ -205,12 +318,18 @@ def handle(state: State, method: str, path: str, body: dict):
         return 200, ""
     if method == "GET" and path in ("/model_info", "/get_model_info"):
         return 200, {"model_path": m.model_path, "tokenizer_path": None, "is_generation": True,
-                     "weight_version": m.weight_version}
+                     "tp_size": 1, "dp_size": 1, "weight_version": m.weight_version}
+    if method == "GET" and path in ("/server_info", "/get_server_info"):
+        return 200, {"tp_size": 1, "dp_size": 1, "model_path": m.model_path,
+                     "context_length": state.context_length,
+                     "max_running_requests": state.max_running}
     if method != "POST":
         return 404, {"error": {"message": f"no {method} {path}"}}
     if path == "/generate":
         single, rows = _rows(body)
-        results = [m.sample(p, sp, bool(body.get("return_logprob"))) for p, sp in rows]
+        for prompt, sp in rows:
+            state.check_length(prompt, sp)
+        results = state.generate(rows, bool(body.get("return_logprob")))
         return 200, results[0] if single else results
     if path == "/flush_cache":
         return 200, "Cache flushed.\n"
@@ -218,6 +337,9 @@ def handle(state: State, method: str, path: str, body: dict):
         with m.lock:
             m.weight_version = str(body["new_version"])
         return 200, {"success": True, "new_version": m.weight_version}
+    if state.synthetic and path in ("/init_weights_update_group", "/update_weights_from_distributed",
+                                    "/update_weights_from_tensor"):
+        return 400, {"success": False, "message": f"{path} is not supported in synthetic mode"}
     if path == "/update_weights_from_disk":
         try:
             m.load_dir(body["model_path"], body.get("weight_version"))
@@ -264,7 +386,9 @@ def make_handler(state: State):
             try:
                 body = json.loads(self.rfile.read(length) or b"{}") if length else {}
                 status, answer = handle(state, method, self.path, body)
-            except (BadRequest, KeyError, TypeError, ValueError) as e:
+            except BadRequest as e:  # SGLang's shape of a refusal: the message alone
+                status, answer = 400, {"error": {"message": str(e)}}
+            except (KeyError, TypeError, ValueError) as e:
                 status, answer = 400, {"error": {"message": f"{type(e).__name__}: {e}"}}
             except Exception as e:  # noqa: BLE001 - a server answers 500, it does not die
                 status, answer = 500, {"error": {"message": f"{type(e).__name__}: {e}"}}
@@ -287,6 +411,11 @@ def make_handler(state: State):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # not 5: a router opens many connections at once
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", required=True)
@@ -294,17 +423,35 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="default: the config's max_position_embeddings (synthetic: 32768)")
+    ap.add_argument("--max-running-requests", type=int, default=0,
+                    help="running sequences (rows) at most; 0: unlimited")
+    ap.add_argument("--decode-latency-s", type=float, default=0.0,
+                    help="seconds per decoded token of a request's longest row")
+    ap.add_argument("--base-gpu-id", type=int, default=0, help="accepted and ignored, as on CPU")
+    ap.add_argument("--synthetic-vocab", type=int, default=0, help="> 0: synthetic mode, no model")
+    ap.add_argument("--synthetic-median-len", type=float, default=200.0)
+    ap.add_argument("--synthetic-len-sigma", type=float, default=0.8)
+    ap.add_argument("--synthetic-eos", type=int, default=1)
     args, unknown = ap.parse_known_args(argv)
     if args.tp != 1:
         ap.error("the test server serves with --tp 1 only")
     if unknown:
         print(f"ignoring SGLang options {unknown}", file=sys.stderr)
-    torch.set_num_threads(1)
-    state = State(Model(args.model_path, args.dtype))
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
-    server.daemon_threads = True
+    if args.synthetic_vocab > 0:
+        model = SyntheticModel(args.model_path, args.synthetic_vocab, args.synthetic_eos,
+                               args.synthetic_median_len, args.synthetic_len_sigma)
+    else:
+        import_torch()
+        torch.set_num_threads(1)
+        model = Model(args.model_path, args.dtype)
+    context = args.context_length or model.config.get("max_position_embeddings") or 32768
+    state = State(model, context, args.decode_latency_s, args.max_running_requests)
+    server = Server((args.host, args.port), make_handler(state))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"serving {args.model_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    mode = " (synthetic)" if state.synthetic else ""
+    print(f"serving {args.model_path}{mode} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     finally:

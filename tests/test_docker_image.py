@@ -172,7 +172,7 @@ def hardcoded_pins(text: str, versions: dict, allowed: tuple[str, ...] = ()) -> 
 def pin_mismatches(kwargs: dict, versions: dict) -> list[str]:
     """Compare setup()'s requirements with versions.py: each group holds its pins verbatim, and no
     group names a pinned package any other way."""
-    wanted = {"install_requires": [versions["MEGATRON_CORE"]], "cpu": versions["CPU_EXTRA"],
+    wanted = {"install_requires": [versions["MEGATRON_CORE"], versions["SGLANG_ROUTER"]], "cpu": versions["CPU_EXTRA"],
               "gpu": versions["GPU_EXTRA"]}
     groups = {"install_requires": kwargs["install_requires"], **kwargs["extras_require"]}
     pinned = {canonicalize_name(versions["name_of"](p))

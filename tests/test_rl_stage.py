@@ -162,3 +162,26 @@ def test_rl_with_an_sglang_server(pipeline, tmp_path, tiny_hf):
     assert r.returncode != 0 and f"{server.url}: not healthy after 3 s" in r.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     assert [x["step"] for x in metrics(run_dir) if x["step"] > 0] == [1, 2]
+
+
+def test_rl_with_a_started_fleet(pipeline, tmp_path):
+    """The stage starts its own fleet: two engines (the test server, the trainer's export) behind
+    the real sglang-router, every weight push reaching both; each prompt group is scored as it
+    comes back; rank 1 receives only its own micro-batches. Everything stops with the stage."""
+    from tests.test_sglang_client import TEST_SERVER
+
+    root, _ = pipeline
+    init = next((root / "distill" / "checkpoints").glob("iter_*"))
+    run_dir = tmp_path / "fleet"
+    cli(*rl_run(run_dir, init, "rollout.engine=sglang", "rollout.engines=2", "rollout.weight_sync=disk",
+                f"rollout.server_command=[{','.join(TEST_SERVER)}]", "rollout.concurrency=8"))
+    steps = [r for r in metrics(run_dir) if r["step"] > 0]
+    assert [r["tokens_in_loss"] for r in steps] == [2 * PHI] * 2
+    assert all(0 < r["logprob_gap"] < 0.05 for r in steps), [r["logprob_gap"] for r in steps]  # both pushed to
+    assert all(0.0 <= r["reward_overlap_frac"] <= 1.0 for r in steps)
+    logs = run_dir / "logs"
+    engines = sorted(logs.glob("sglang_engine_node0_*.log"))
+    assert len(engines) == 2 and (logs / "sglang_router.log").is_file()
+    for log in engines:  # both served generate requests and both reloaded the weights twice
+        text = log.read_text()
+        assert "POST /generate" in text and text.count("POST /update_weights_from_disk") == 3

@@ -342,7 +342,7 @@ def test_engine_push_weights_two_ranks(served, tiny_arch, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank got rank 0's completions, and the same error
-    assert "cannot connect" in ranks[0]["dead_error"] and "/generate" in ranks[0]["dead_error"]
+    assert "no rollout engine is left: http://127.0.0.1:" in ranks[0]["dead_error"]  # named, on both ranks
     for mode, path, version in (("disk", disk, 8), ("distributed", bcast, 9)):
         config, sd = read_hf(path)
         weights = (config, {k: v.bfloat16().float() for k, v in sd.items()})  # sent as bf16
@@ -370,8 +370,9 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
     params = SamplingParams(max_new_tokens=4, seed=3)
     result = {}
 
-    def samples(engine):
-        return [[(c.tokens, c.logprobs) for c in s] for s in engine.generate(PROMPTS, 2, params, keys=[0, 1, 2])]
+    def samples(engine):  # rank 0 asks the server; every rank gets its answer
+        return distributed.rank0_then_broadcast(lambda: [[(c.tokens, c.logprobs) for c in s] for s in
+                                                         engine.generate(PROMPTS, 2, params, keys=[0, 1, 2])])
 
     disk = SGLangEngine.connect(url, weights_dir=Path(out) / "rollout_weights")
     load_hf(model, HFReader(disk_hf))
@@ -380,7 +381,10 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
 
     from types import SimpleNamespace
 
-    recipe = SimpleNamespace(rollout=SimpleNamespace(url=url, weight_sync="distributed", server_args=[], ready_timeout_s=30.0))
+    from megatron_ring.recipe.rl_schema import RLRecipe, RLSection, RolloutSection
+
+    recipe = RLRecipe(rollout=RolloutSection(engine="sglang", url=url, weight_sync="distributed", ready_timeout_s=30.0),
+                      rl=RLSection(kl_beta=0.0))
     engine = SGLangEngine.from_recipe(recipe, model, SimpleNamespace(eos_id=arch.eos_token_id), out)
     assert engine.weight_mode == "distributed" and (engine.broadcaster is not None) == (rank == 0)
     load_hf(model, HFReader(bcast_hf))
@@ -391,7 +395,7 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
     dead = SGLangEngine(SGLangClient(f"http://127.0.0.1:{free_port()}", attempts=2, backoff_s=0.01),
                         weights_dir=Path(out) / "unused")
     try:
-        dead.generate(PROMPTS, 1, params)
+        distributed.rank0_then_broadcast(lambda: dead.generate(PROMPTS, 1, params), RolloutError)
     except RolloutError as e:
         result["dead_error"] = str(e)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ring.recipe import RecipeError
-
-SGLANG_PORT = 30000
-SGLANG_DIST_PORT = 30500
+from megatron_ring.rollout.fleet_plan import ROUTER_POLICY, ROUTER_PORT, FleetPlan
 
 
 @dataclass
@@ -66,25 +64,50 @@ def _python(job: JobSpec) -> str:
 
 
 def _sglang_lines(job: JobSpec) -> tuple[list[str], list[str]]:
-    """Dedicated SGLang nodes: one server over the last sglang_nodes nodes of the job (SGLang's
-    own multi-node launch), started on data.tokenizer's HF directory; the trainer waits for it
-    to be healthy and pushes its weights before the first rollout."""
+    """Dedicated SGLang nodes: the recipe's engine fleet (rollout/fleet_plan.py) on the last
+    cluster.sglang_nodes nodes of the job, engines_per_node single-node engines on each
+    (`--tp engine_tp --base-gpu-id G --port 30000+j`, on data.tokenizer's HF directory), and
+    sglang-router in front of them on the first SGLang node; the trainer gets the router's URL
+    as rollout.url, waits for it to be healthy and pushes its weights before the first rollout."""
     c = job.recipe.cluster
     if c.sglang != "dedicated":
         return [], []
     ro = job.recipe.rollout
     if ro.url:
         raise RecipeError(f"rollout.url: {ro.url} with cluster.sglang=dedicated; the job starts the "
-                          "dedicated server and sets the URL itself")
-    launch = [_python(job), "-m", "sglang.launch_server", "--model-path", job.recipe.data.tokenizer,
-              "--host", "0.0.0.0", "--port", SGLANG_PORT, "--nnodes", c.sglang_nodes, *ro.server_args]
-    task = f"exec {_q(launch)} --node-rank $SLURM_PROCID --dist-init-addr $SGLANG_HEAD:{SGLANG_DIST_PORT}"
+                          "dedicated fleet and gives the trainer its router's URL itself")
+    plan = FleetPlan.of(job.recipe)
+    py = _python(job)
+    logs = f"{shlex.quote(job.run_dir)}/logs/{shlex.quote(job.name)}-$SLURM_JOB_ID-sglang-$SLURMD_NODENAME"
+    # Engine slot j runs on the hosting nodes that have one: all, or all but the last when it is partial.
+    task = ["# The engines of fleet node $SLURM_PROCID; the router on the first node."]
+    for j in range(plan.engines_per_node):
+        launch = [py, "-m", "sglang.launch_server", "--model-path", job.recipe.data.tokenizer, *plan.engine_args(j)]
+        line = f"{_q(launch)} >> {logs}-{plan.ports[j]}.out 2>&1 &"
+        on = sum(1 for n in range(plan.hosts) if plan.node_engines(n) > j)
+        task.append(line if on == plan.hosts else f'if [ "$SLURM_PROCID" -lt {on} ]; then {line} fi')
+    from megatron_ring.rollout.router import router_argv  # deferred: it imports torch; dedicated fleets only
+
+    # The trainer's own router flags (retries, health checks, payload size), the recipe's request
+    # timeout, and as long for the engines to load and register as the trainer waits for them.
+    router = _q(router_argv(["@WORKERS@"], "0.0.0.0", ROUTER_PORT, policy=ROUTER_POLICY,
+                            request_timeout_s=plan.request_timeout_s, command=(py, "-m", "sglang_router.launch_router"),
+                            metrics_port=ROUTER_PORT + 1,
+                            extra_args=["--worker-startup-timeout-secs", int(plan.ready_timeout_s)])
+                ).replace("@WORKERS@", "$SGLANG_WORKER_URLS")
+    task += [f'if [ "$SLURM_PROCID" = 0 ]; then {router} >> {logs}-router.out 2>&1 & fi',
+             "wait  # the engines (and the router) until the job stops them"]
+    urls = [f"http://${{nodes[{c.nodes + n}]}}:{plan.ports[j]}"
+            for n in range(plan.hosts) for j in range(plan.node_engines(n))]
+    hosting = f'$(IFS=,; echo "${{nodes[*]:{c.nodes}:{plan.hosts}}}")'
     start = [
-        "# Dedicated SGLang server on the last cluster.sglang_nodes nodes.",
-        f'sglang_nodes=$(IFS=,; echo "${{nodes[*]:{c.nodes}}}")',
-        f"export SGLANG_HEAD=${{nodes[{c.nodes}]}}",
-        f"{_srun(job, c.sglang_nodes, '$RUN_DIR/logs/%x-%j-sglang-node%n.out')} --nodelist=\"$sglang_nodes\" \\",
-        f"    bash -c {shlex.quote(task)} &",
+        f"# Dedicated SGLang fleet: {plan.engines} engine(s) of --tp {plan.engine_tp}, {plan.engines_per_node} per node, "
+        f"on nodes {c.nodes}-{c.nodes + plan.hosts - 1} of the job,",
+        f"# behind sglang-router ({ROUTER_POLICY}) on the first of them; the trainer sends every request to the router.",
+        f"export SGLANG_ROUTER=${{nodes[{c.nodes}]}}",
+        f'export SGLANG_WORKER_URLS="{" ".join(urls)}"',
+        f"{_srun(job, plan.hosts, '$RUN_DIR/logs/%x-%j-sglang-node%n.out')} --nodelist=\"{hosting}\" \\",
+        f"    bash -c {shlex.quote(chr(10).join(task))} &",
         "sglang_pid=$!",
     ]
     stop = ["kill \"$sglang_pid\" 2>/dev/null; wait \"$sglang_pid\" 2>/dev/null"]
@@ -101,13 +124,14 @@ _TRAP = [
 
 def render(job: JobSpec) -> str:
     c = job.recipe.cluster
+    FleetPlan.of(job.recipe)  # a fleet that cannot be placed is said here, not when the job starts
     sglang_start, sglang_stop = _sglang_lines(job)
     # Each node's task expands its own $SLURM_PROCID (its node rank), so the command runs in `bash -c`.
     task = (f"exec {shlex.quote(_python(job))} -m torch.distributed.run --nnodes={c.nodes} "
             f"--nproc-per-node={c.gpus_per_node} --node-rank=$SLURM_PROCID --master-addr=$MASTER_ADDR "
             f"--master-port=$MASTER_PORT -m megatron_ring.cli {_q(job.argv)}")
     if sglang_start:
-        task += f' "rollout.url=http://$SGLANG_HEAD:{SGLANG_PORT}"'
+        task += f' "rollout.url=http://$SGLANG_ROUTER:{ROUTER_PORT}"'
     train_nodes = f'$(IFS=,; echo "${{nodes[*]:0:{c.nodes}}}")'
     lines = [
         "#!/bin/bash",

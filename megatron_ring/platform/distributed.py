@@ -26,8 +26,17 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
-    """Join the job's process group (torchrun env, or a single process) and set up TP/EP/DP."""
+_CONTROL = None  # the control group (see init), or None: the default group
+# The default group's timeout (NCCL's watchdog on GPUs): collectives of the training step, which
+# never wait on HTTP. Tests shorten it to show that rollouts do not run under it.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("MEGATRON_RING_COLLECTIVE_TIMEOUT_S", 600))
+
+
+def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234, control_timeout_s: float = 600.0) -> Layout:
+    """Join the job's process group (torchrun env, or a single process) and set up TP/EP/DP, and
+    the control group: gloo over every rank with its own timeout (control_timeout_s), which every
+    "rank 0 does something, the others wait" pattern below uses. Waiting there, a rank is in no
+    NCCL collective: rank 0 may spend hours on HTTP and rewards without tripping a watchdog."""
     from megatron.core import parallel_state, tensor_parallel  # deferred: slow, the launcher needs none
 
     cpu = cpu_compat.apply()
@@ -39,7 +48,7 @@ def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
         backend = "gloo" if cpu else "nccl"
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world,
-                                    timeout=timedelta(minutes=10))
+                                    timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         else:  # a lone process needs no rendezvous
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     layout = Layout(tp=layout_tp, ep=layout_ep, world_size=dist.get_world_size())
@@ -48,6 +57,9 @@ def init(layout_tp: int = 1, layout_ep: int = 1, seed: int = 1234) -> Layout:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=1,
     )
+    global _CONTROL
+    if world > 1:
+        _CONTROL = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
     # CPU initialisation (use_cpu_initialization) draws from the default generator.
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -88,7 +100,7 @@ def rank0_then_broadcast(fn, error_type: type[Exception] = RuntimeError):
         except Exception as e:  # every rank must hear about it, or they wait forever
             error = e
             box[0] = ("error", str(e) if isinstance(e, error_type) else f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
     if error is not None:
         raise error
     kind, value = box[0]
@@ -115,9 +127,16 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def control_group():
+    """The gloo group of control messages (None in a lone process: the default group)."""
+    return _CONTROL
+
+
 def shutdown():
     from megatron.core import parallel_state  # deferred: slow, the launcher needs none
 
+    global _CONTROL
+    _CONTROL = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -45,9 +45,20 @@ class TrainSection:
 class SelectSection(SampledEval):
     entropy_low: float = 0.3
     entropy_high: float = 0.5
+    # Who samples each checkpoint: the model in the select processes (the CPU demo), or an SGLang
+    # server / router the checkpoint is pushed to (at scale); the entropy is then measured with
+    # one teacher-forced pass of the model over the server's samples.
+    engine: Literal["embedded", "sglang"] = "embedded"
+    url: str | None = None  # sglang: a running server or router; none: select starts one server
+    server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
+    ready_timeout_s: float = 1800.0  # how long the server may take to load its model and answer /health
+    control_timeout_s: float = 21600.0  # how long the other ranks wait (gloo) while rank 0 awaits the samples
 
     def __post_init__(self):
         super().__post_init__()
+        if self.engine == "embedded" and (self.url or self.server_args):
+            raise FieldError("url and server_args need engine: sglang", "engine", "url" if self.url else "server_args")
+        check_positive(ready_timeout_s=self.ready_timeout_s, control_timeout_s=self.control_timeout_s)
         if not self.entropy_low < self.entropy_high:
             raise FieldError(f"entropy_low ({self.entropy_low}) must be below entropy_high ({self.entropy_high})",
                              "entropy_low", "entropy_high")

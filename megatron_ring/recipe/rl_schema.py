@@ -3,6 +3,7 @@ shared ones with RL's defaults. Defaults are the paper's values where it gives t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -28,8 +29,21 @@ class RolloutSection:
     replay_dir: str | None = None  # replay: a run's rollouts/ directory, served again in order
     record: bool = False  # write every rollout round to RUN_DIR/rollouts/ (token ids, text, reward)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
+    server_command: list[str] = field(default_factory=list)  # how an engine is started; empty: python -m sglang.launch_server
     weight_sync: Literal["disk", "distributed"] = "disk"  # distributed: NCCL broadcast (gloo on CPU)
     ready_timeout_s: float = 1800.0  # how long a server may take to load its model and answer /health
+    # The engine fleet (sglang, no url): `engines` SGLang servers of `--tp engine_tp` each (dp 1),
+    # behind sglang-router when more than one. 0: one engine per engine_tp GPUs of every node that
+    # hosts them (cluster.sglang: the training nodes when colocated, sglang_nodes when dedicated).
+    engines: int = 0
+    engine_tp: int = 1
+    concurrency: int = 256  # requests in flight from the trainer (one request per sample, its own seed)
+    request_timeout_s: float = 3600.0  # one request; past it the request is sent again
+    request_attempts: int = 4  # tries per request; the router sends a retry to another engine
+    context_length: int = 0  # the engines' context; 0: model.max_position_embeddings (clamps max_new_tokens)
+    # How long trainer ranks wait (on a gloo group of their own, not NCCL) while rank 0 generates
+    # and scores a step's rollouts.
+    control_timeout_s: float = 21600.0
     prompts_per_step: int = 512
     samples_per_prompt: int = 16  # K, the GRPO group size
     max_new_tokens: int = 24576
@@ -41,7 +55,12 @@ class RolloutSection:
 
     def __post_init__(self):
         check_positive(prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt,
-                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds)
+                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds,
+                       engine_tp=self.engine_tp, concurrency=self.concurrency, request_timeout_s=self.request_timeout_s,
+                       request_attempts=self.request_attempts, control_timeout_s=self.control_timeout_s)
+        for key in ("engines", "context_length"):
+            if getattr(self, key) < 0:
+                raise FieldError(f"must be >= 0 (0: automatic), got {getattr(self, key)}", key)
 
 
 @dataclass
@@ -95,14 +114,20 @@ class RLTrainSection:
 
 @dataclass
 class RewardSection:
-    workers: int = 2  # verifier processes
+    workers: int = 2  # verifier processes, on rank 0's node; 0: its CPUs not taken by trainer ranks
     # per math or science response; a verifier past it is killed and the response scores 0. Code
     # gets the sandbox's own wall clock for the row's cases (+ 5 s) instead.
     timeout_s: float = 10.0
     float_tolerance: float = 0.0  # |got - expected| allowed for floats in function results; a row's own wins
 
     def __post_init__(self):
-        check_positive(workers=self.workers, timeout_s=self.timeout_s)
+        check_positive(timeout_s=self.timeout_s)
+        if self.workers < 0:
+            raise FieldError(f"must be >= 0 (0: the node's free CPUs), got {self.workers}", "workers")
+
+    def pool_size(self, ranks_per_node: int) -> int:
+        """Verifier processes: `workers`, or every CPU of the node the trainer ranks leave."""
+        return self.workers or max(1, (os.cpu_count() or 1) - ranks_per_node)
         if self.float_tolerance < 0:
             raise FieldError(f"must be >= 0, got {self.float_tolerance}", "float_tolerance")
 

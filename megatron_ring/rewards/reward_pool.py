@@ -18,6 +18,7 @@ calls it with its settings."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ def choice_reward(response: str, row: dict, settings: CodeRewardSettings) -> flo
 REWARD_FNS = {"math": math_reward, "science": choice_reward, "code": code_verdict}
 
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy on a loaded machine
+POLL_S = 0.02  # how often a streaming pool with busy workers looks for newly arrived batches
 CODE_MARGIN_S = 5.0  # a code item's deadline past the sandbox's own: extraction, killing it, replying
 
 
@@ -95,7 +97,7 @@ class _Worker:
         child.close()
         self.ready = False
         self.started = time.monotonic()
-        self.item: tuple[int, float, float] | None = None  # (index, deadline, seconds allowed)
+        self.item: tuple[tuple, float, float] | None = None  # ((batch tag, index), deadline, seconds allowed)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -133,24 +135,61 @@ class RewardPool:
         self._workers[self._workers.index(worker)] = self._spawn()
 
     def score(self, items: list[tuple[str, str, dict]]) -> list[RewardResult]:
+        inbox = queue.SimpleQueue()
+        inbox.put((0, items))
+        inbox.put(None)
+        return self.score_stream(inbox)[0][0]
+
+    def score_stream(self, inbox) -> dict:
+        """Score batches as they arrive: inbox yields (tag, items) and then None. Returns
+        {tag: (results in item order, time.monotonic() when the batch's last item was done)}.
+        Items are handed to idle workers as soon as they are read, so a caller generating in
+        another thread has its early batches scored while it is still generating."""
         if self._closed:
             raise RuntimeError("RewardPool is closed")
-        results: list[RewardResult | None] = [None] * len(items)
-        queue = deque()
-        for index, (domain, response, row) in enumerate(items):
-            if domain in self.fns:
-                queue.append((index, domain, response, row))
-            else:
-                results[index] = RewardResult(0.0, error=f"no reward function for domain {domain!r}")
-        while queue or any(w.item for w in self._workers):
+        batches: dict = {}  # tag -> [results, items left, done at]
+        waiting = deque()
+        open_inbox = True
+
+        def take(entry) -> bool:
+            if entry is None:
+                return False
+            tag, items = entry
+            if tag in batches:
+                raise ValueError(f"reward batch {tag!r} submitted twice")
+            batch = batches[tag] = [[None] * len(items), len(items), time.monotonic()]
+            for index, (domain, response, row) in enumerate(items):
+                if domain in self.fns:
+                    waiting.append(((tag, index), domain, response, row))
+                else:
+                    self._done(batch, index, RewardResult(0.0, error=f"no reward function for domain {domain!r}"))
+            return True
+
+        def busy() -> bool:
+            return bool(waiting) or any(w.item for w in self._workers)
+
+        while open_inbox or busy():
+            while open_inbox:  # read what has arrived; block only when there is nothing else to do
+                try:
+                    open_inbox = take(inbox.get() if not busy() else inbox.get_nowait())
+                except queue.Empty:
+                    break
             for worker in self._workers:
-                if worker.ready and worker.item is None and queue:
-                    message = queue.popleft()
+                if worker.ready and worker.item is None and waiting:
+                    message = waiting.popleft()
                     worker.conn.send(message)
                     seconds = self.deadline_s(message[1], message[3])
                     worker.item = (message[0], time.monotonic() + seconds, seconds)
-            self._collect(results)
-        return results
+            if busy():
+                self._collect(batches, POLL_S if open_inbox else None)
+        return {tag: (b[0], b[2]) for tag, b in batches.items()}
+
+    @staticmethod
+    def _done(batch: list, index: int, result: RewardResult) -> None:
+        batch[0][index] = result
+        batch[1] -= 1
+        if batch[1] == 0:
+            batch[2] = time.monotonic()
 
     def deadline_s(self, domain: str, row: dict) -> float:
         """How long an item may take: code, the sandbox's budget for its cases + CODE_MARGIN_S."""
@@ -158,37 +197,42 @@ class RewardPool:
             return sandbox_budget_s(row, self.settings.limits) + CODE_MARGIN_S
         return self.timeout_s
 
-    def _collect(self, results: list) -> None:
-        """Wait for the next message or deadline; kill and replace late or dead workers."""
+    def _collect(self, batches: dict, poll_s: float | None) -> None:
+        """Wait for the next message or deadline (at most poll_s, to read new batches); kill and
+        replace late or dead workers."""
         now = time.monotonic()
         deadlines = [w.item[1] if w.item else w.started + STARTUP_TIMEOUT_S
                      for w in self._workers if w.item or not w.ready]
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        if poll_s is not None:
+            timeout = poll_s if timeout is None else min(timeout, poll_s)
         ready = wait([w.conn for w in self._workers], timeout)
         for worker in list(self._workers):
             if worker.conn in ready:
                 try:
                     message = worker.conn.recv()
                 except (EOFError, OSError):
-                    self._lost(worker, results, f"reward worker died (exit code {worker.process.exitcode})")
+                    self._lost(worker, batches, f"reward worker died (exit code {worker.process.exitcode})")
                     continue
                 if message == "ready":
                     worker.ready = True
                 else:
-                    index, reward, error = message
-                    results[index] = RewardResult(reward, False, error)
+                    (tag, index), reward, error = message
+                    self._done(batches[tag], index, RewardResult(reward, False, error))
                     worker.item = None
             elif worker.item and time.monotonic() >= worker.item[1]:
-                results[worker.item[0]] = RewardResult(0.0, True, f"timed out after {worker.item[2]:g}s")
+                tag, index = worker.item[0]
+                self._done(batches[tag], index, RewardResult(0.0, True, f"timed out after {worker.item[2]:g}s"))
                 self._replace(worker)
             elif not worker.ready and time.monotonic() >= worker.started + STARTUP_TIMEOUT_S:
                 raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S}s")
 
-    def _lost(self, worker: _Worker, results: list, reason: str) -> None:
+    def _lost(self, worker: _Worker, batches: dict, reason: str) -> None:
         if worker.item is None and not worker.ready:
             raise RuntimeError(f"{reason} while starting; run a reward fn in this process to see why")
         if worker.item is not None:
-            results[worker.item[0]] = RewardResult(0.0, False, reason)
+            tag, index = worker.item[0]
+            self._done(batches[tag], index, RewardResult(0.0, False, reason))
         self._replace(worker)
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ def _loop(recipe, session, actor, rollouts, evaluator, start: int) -> dict:
     # A server given by URL (or restarted with a resumed run) serves other weights until told.
     rollouts.push_weights(session.model, start)
     if start == 0:
-        log.log({"step": 0, **evaluator.run(session.model)}, show=("eval_accuracy",))
+        log.log({"step": 0, **evaluator.run(session.model, rollouts.engine)}, show=("eval_accuracy",))
 
     def save(step):
         session.save(step, {"rl": {"step": step, **rollouts.state_dict()}})
@@ -60,7 +60,7 @@ def _loop(recipe, session, actor, rollouts, evaluator, start: int) -> dict:
         rollouts.push_weights(session.model, step)
         record = step_record(recipe, step, data, out, rollouts, session, time.perf_counter() - t0)
         if evaluator.due(step, steps):
-            record.update(evaluator.run(session.model))
+            record.update(evaluator.run(session.model, rollouts.engine))
         log.log(record, show=("reward_mean", "tokens_in_loss"))
         due = step == steps or bool(recipe.train.save_every_steps and step % recipe.train.save_every_steps == 0)
         if preemption.save_or_stop(session.run_dir, step, steps, due, save, log, "rl"):
@@ -82,6 +82,7 @@ def step_record(recipe, step: int, data: StepData, out: dict, rollouts, session,
             mine = [x.reward for x in fresh if x.domain == d]
             rec[f"accuracy_{d}"] = sum(mine) / len(mine)
     rec.update(responses=len(fresh), rollout_rounds=data.rounds, reward_timeouts=data.reward_timeouts,
+               reward_overlap_frac=round(data.reward_overlap_frac, 4),
                carried_tokens=tokens_of(rollouts.pending), step_time_s=round(step_time, 4),
                rollout_time_s=round(data.rollout_time_s, 4), train_time_s=round(step_time - data.rollout_time_s, 4),
                lr=session.optimizer.param_groups[0]["lr"], tokens_per_s=round(data.forward_tokens / step_time, 1))

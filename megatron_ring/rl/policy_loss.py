@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ring.ops import fused_c3po_loss, logprob_entropy
 from megatron_ring.rl.rl_batch import RLBatch
-from megatron_ring.train.lm_head import flat, head_args, hidden_tokens, unwrap
+from megatron_ring.models.lm_head import flat, head_args, hidden_tokens, unwrap
 
 # Per-step sums every micro-batch reports; means are taken over the step's loss tokens.
 _SUMS = ("loss", "tokens", "entropy", "kl", "clip_low", "clip_high", "logprob_gap", "ratio")

@@ -26,23 +26,50 @@ class RLBatch:
         return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
 
 
-def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool) -> RLBatch:
-    """per_response_norm: weight 1/|y| (GRPO's per-sample mean), else 1. An empty list gives a
-    one-row dummy with no loss, so a rank without work still runs the collective forward."""
-    rows = [s.response.prompt_ids + s.response.tokens[:s.end] for s in segments] or [[pad_id]]
-    width = -(-max(len(r) + 1 for r in rows) // multiple) * multiple  # +1: room for the last label
-    shape = (len(rows), width)
-    ids = torch.full(shape, pad_id, dtype=torch.long)
-    weights, adv, rollout = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-    for i, seg in enumerate(segments):
+@dataclass
+class Row:
+    """One segment as the trainer needs it: prompt + response tokens up to its end, the positions
+    [lo, hi) that predict its loss tokens, their weight, the advantage and the rollout logprobs.
+    What a data-parallel rank receives (rl/batch_transfer.py)."""
+
+    ids: list[int]
+    lo: int
+    hi: int
+    weight: float
+    advantage: float
+    logp: list[float]  # hi - lo values
+
+
+def rows_of(segments: list[Segment], per_response_norm: bool) -> list[Row]:
+    """per_response_norm: weight 1/|y| (GRPO's per-sample mean), else 1."""
+    rows = []
+    for seg in segments:
         r = seg.response
         p = len(r.prompt_ids)
-        lo, hi = p + seg.start - 1, p + seg.end - 1  # positions predicting tokens [start, end)
-        weights[i, lo:hi] = 1.0 / len(r.tokens) if per_response_norm else 1.0
-        adv[i, lo:hi] = r.advantage
-        rollout[i, lo:hi] = torch.tensor(r.rollout_logp[seg.start:seg.end])
+        rows.append(Row(r.prompt_ids + r.tokens[:seg.end], p + seg.start - 1, p + seg.end - 1,
+                        1.0 / len(r.tokens) if per_response_norm else 1.0, r.advantage,
+                        r.rollout_logp[seg.start:seg.end]))
+    return rows
+
+
+def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool) -> RLBatch:
+    return from_rows(rows_of(segments, per_response_norm), pad_id, multiple)
+
+
+def from_rows(rows: list[Row], pad_id: int, multiple: int) -> RLBatch:
+    """Right-padded to a multiple of `multiple` (TP's sequence split). No rows gives a one-row
+    dummy with no loss, so a rank without work still runs the collective forward."""
+    ids_rows = [r.ids for r in rows] or [[pad_id]]
+    width = -(-max(len(r) + 1 for r in ids_rows) // multiple) * multiple  # +1: room for the last label
+    shape = (len(ids_rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    weights, adv, rollout = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    for i, row in enumerate(ids_rows):
+        ids[i, :len(row)] = torch.tensor(row)
+    for i, r in enumerate(rows):
+        weights[i, r.lo:r.hi] = r.weight
+        adv[i, r.lo:r.hi] = r.advantage
+        rollout[i, r.lo:r.hi] = torch.tensor(r.logp)
     labels = torch.full(shape, pad_id, dtype=torch.long)
     labels[:, :-1] = ids[:, 1:]
     return RLBatch(ids, labels, weights, adv, rollout)

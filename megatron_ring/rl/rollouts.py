@@ -3,9 +3,14 @@ token budget and the carried segments, ending in this rank's micro-batches.
 
 A step's loss tokens: a mode that fills a budget (c3po) starts from the carried segments and
 adds rollout rounds (at most rollout.max_rounds) until the budget is met, cutting the crossing
-response; the others train on every response of one round. Rewards are scored on rank 0 (a
-worker pool with hard timeouts, sandboxed code) and broadcast, so every rank holds the same
-responses and each takes its own share of the balanced micro-batches."""
+response; the others train on every response of one round.
+
+Rank 0 alone holds the step's responses: it talks to the engine, scores each prompt group in a
+worker pool (hard timeouts, sandboxed code) as soon as the group is back, selects the loss
+tokens and plans every rank's micro-batches; each rank then receives only its own, as flat
+tensors (rl/batch_transfer.py). Meanwhile the other ranks wait on the control group (gloo, its
+own rollout.control_timeout_s), never inside an NCCL collective. Only the embedded engine, whose
+sampler is the trainer's own model, has every rank generate."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from megatron_ring.platform import distributed
 from megatron_ring.recipe.schema import expand
 from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.rewards.reward_pool import RewardPool
-from megatron_ring.rl import rank_balance, rl_batch
+from megatron_ring.rl import batch_transfer, rank_balance, rl_batch
 from megatron_ring.rl.advantages import drop_zero_variance, group_advantages
 from megatron_ring.rl.loss_modes import StepBudget
 from megatron_ring.rl.prompt_stream import PromptStream
@@ -28,6 +33,7 @@ from megatron_ring.rl.rl_batch import RLBatch
 from megatron_ring.rl.token_budget import fill_buckets, tokens_of
 from megatron_ring.rollout.factory import make_engine
 from megatron_ring.rollout.replay import record_round
+from megatron_ring.rollout.streamed_rewards import generate_scored, handed_over
 
 
 def code_settings(recipe, run_dir: Path) -> CodeRewardSettings:
@@ -42,11 +48,13 @@ class StepData:
 
     batches: list[RLBatch]  # this rank's micro-batches (every rank has the same number)
     divisor: int  # the loss mode's D for the selected segments
-    responses: list  # the step's new responses (all ranks)
     rounds: int
-    reward_timeouts: int
-    forward_tokens: int  # prompt + response tokens the update's forwards read, all ranks
     rollout_time_s: float
+    # Rank 0 only (empty or 0 elsewhere): what the step record reports.
+    responses: list  # the step's new responses
+    reward_timeouts: int = 0
+    forward_tokens: int = 0  # prompt + response tokens the update's forwards read, all ranks
+    reward_overlap_frac: float = 0.0  # share of prompt groups scored before their round's generation ended
 
 
 class Rollouts:
@@ -60,8 +68,10 @@ class Rollouts:
                                     recipe.rollout.seed)
         self.cursor = saved["prompt_cursor"] if saved else 0
         self.pending = [Segment.from_json(s) for s in saved.get("pending", [])] if saved else []
-        rw = recipe.reward  # the pool scores on rank 0 only; the others receive its rewards
-        self.pool = RewardPool(rw.workers, rw.timeout_s, code_settings(recipe, self.run_dir)) if distributed.is_rank0() else None
+        self.dp_rank_of = batch_transfer.dp_ranks()
+        rw = recipe.reward  # the pool scores on rank 0 only
+        self.pool = RewardPool(rw.pool_size(recipe.cluster.gpus_per_node), rw.timeout_s,
+                               code_settings(recipe, self.run_dir)) if distributed.is_rank0() else None
         try:  # the pool first: it fails fast (no sandbox), before a server is started
             self.engine = make_engine(recipe, session.model, self.tokenizer, self.run_dir)
         except BaseException:
@@ -70,7 +80,8 @@ class Rollouts:
             raise
 
     def state_dict(self) -> dict:
-        """What a checkpoint must hold to resume the prompt order and the carried tokens exactly."""
+        """What a checkpoint must hold to resume the prompt order and the carried tokens exactly
+        (rank 0's: it writes the trainer state)."""
         return {"prompt_cursor": self.cursor, "pending": [s.to_json() for s in self.pending]}
 
     def push_weights(self, model, version: int) -> None:
@@ -87,71 +98,88 @@ class Rollouts:
     # ---------------------------------------------------------------- one step
 
     def next_step(self, version: int) -> StepData:
-        """Sample and score until the step is full, select its loss tokens (carrying the rest)
-        and return this rank's micro-batches."""
+        """Collective. Sample and score until the step is full, select its loss tokens (carrying
+        the rest) and return this rank's micro-batches."""
         t0 = time.perf_counter()
-        segments, fresh, rounds, timeouts = self._gather(version)
-        buckets, self.pending = self._select(segments)
-        selected = [s for b in buckets for s in b]
-        mine = rank_balance.plan(buckets, self.session.dp, self.recipe.train.micro_batch,
-                                 self.budget.per_rank)[self.session.dp_rank]
-        per_response = self.budget.mode.per_response_weight
-        batches = [distributed.to_device(rl_batch.build(mb, self.tokenizer.pad_id, self.session.layout.tp,
-                                                        per_response_norm=per_response)) for mb in mine]
-        return StepData(batches, self.budget.divisor(selected), fresh, rounds, timeouts,
-                        sum(s.seq_len for s in selected), time.perf_counter() - t0)
-
-    def _gather(self, version: int) -> tuple[list[Segment], list[Response], int, int]:
-        """Carried segments first (budget modes), then rollout rounds until the budget is met
-        (or max_rounds), or exactly one round. Returns (segments, new responses, rounds, timeouts)."""
-        fills = self.budget.mode.fills_budget
-        segments = list(self.pending) if fills else []
-        fresh, rounds, timeouts = [], 0, 0
-        while (not fills and rounds == 0) or (fills and tokens_of(segments) < self.budget.total
-                                              and rounds < self.recipe.rollout.max_rounds):
-            responses, timed_out = self._round(version)
-            timeouts += timed_out
+        stats = {"responses": [], "reward_timeouts": 0, "overlap": []}
+        segments = list(self.pending) if self.budget.mode.fills_budget else []
+        rounds = 0
+        while distributed.rank0_then_broadcast(lambda: self._more(segments, rounds)):
+            request = self._round_prompts()
+            out = self.engine.generate(*request) if self.engine.collective else None
+            distributed.rank0_then_barrier(lambda: self._score_round(version, request, out, segments, stats))
             rounds += 1
-            stds = group_advantages(responses)  # on full groups, before anything is cut or dropped
-            fresh += responses
-            if self.recipe.rl.drop_zero_variance:
-                responses = drop_zero_variance(responses, stds)
-            segments += [Segment(x) for x in responses]
-        return segments, fresh, rounds, timeouts
+        plan = distributed.rank0_then_barrier(lambda: self._plan(segments))
+        mine, divisor = batch_transfer.scatter(plan and plan[0], plan[1] if plan else 0, self.dp_rank_of)
+        batches = [distributed.to_device(rl_batch.from_rows(mb, self.tokenizer.pad_id, self.session.layout.tp))
+                   for mb in mine]
+        overlap = stats["overlap"]  # per round
+        return StepData(batches, divisor, rounds, time.perf_counter() - t0, stats["responses"],
+                        stats["reward_timeouts"], plan[2] if plan else 0,
+                        sum(overlap) / len(overlap) if overlap else 0.0)
 
-    def _select(self, segments: list[Segment]) -> tuple[list[list[Segment]], list[Segment]]:
-        """(buckets to train on, segments carried to the next step)."""
+    def _more(self, segments: list[Segment], rounds: int) -> bool:
+        """Another rollout round? Budget modes: until the budget is met (or max_rounds); the
+        others: exactly one."""
         if not self.budget.mode.fills_budget:
-            return [segments], []
-        buckets, rest = fill_buckets(segments, self.budget.tokens, self.budget.buckets)
-        return buckets, rest if self.recipe.rl.leftover == "carry" else []
+            return rounds == 0
+        return tokens_of(segments) < self.budget.total and rounds < self.recipe.rollout.max_rounds
 
-    def _round(self, version: int) -> tuple[list[Response], int]:
-        """One rollout round of prompts_per_step prompts x samples_per_prompt, scored. Returns
-        the responses (rewards set) and how many rewards timed out."""
+    def _round_prompts(self) -> tuple:
+        """(prompts, K, sampling, keys) of the next round; every rank advances the cursor."""
         ro = self.recipe.rollout
-        first = self.cursor
-        idx = self.prompts.take(first, ro.prompts_per_step)
+        idx = self.prompts.take(self.cursor, ro.prompts_per_step)
+        keys = list(range(self.cursor, self.cursor + len(idx)))
         self.cursor += ro.prompts_per_step
-        keys = list(range(first, first + len(idx)))
-        out = self.engine.generate([self.prompts.token_ids[i] for i in idx], ro.samples_per_prompt,
-                                   SamplingParams.of(ro), keys)
-        responses, rows = [], {}
-        for key, i, completions in zip(keys, idx, out):
+        return [self.prompts.token_ids[i] for i in idx], ro.samples_per_prompt, SamplingParams.of(ro), keys
+
+    def _score_round(self, version: int, request: tuple, generated, segments: list, stats: dict) -> None:
+        """Rank 0: generate (unless the collective engine already has) with every prompt group
+        scored as it arrives; GRPO advantages; the round's segments appended."""
+        prompts, k, params, keys = request
+        rows = [self.prompts.rows[self.prompts.index(key)] for key in keys]
+        decode = self.tokenizer.decode
+
+        def items_of(i: int, completions) -> list:
+            return [(rows[i].domain, decode(c.tokens), rows[i].row) for c in completions if c.tokens]
+
+        def generate(on_group):
+            if generated is not None:
+                return handed_over(generated, on_group)
+            return self.engine.generate(prompts, k, params, keys, on_group=on_group)
+
+        scored = generate_scored(generate, self.pool, items_of)
+        generated = scored.groups
+        stats["overlap"].append(scored.overlap_frac)
+        responses = []
+        for i, (key, completions) in enumerate(zip(keys, generated)):
+            results = iter(scored.rewards[i])
             for s, c in enumerate(completions):
                 if not c.tokens:
                     continue  # nothing to learn from (the prompt filled the context)
-                uid = key * ro.samples_per_prompt + s
-                responses.append(Response(uid, key, self.prompts.rows[i].domain, self.prompts.token_ids[i],
-                                          c.tokens, c.logprobs, c.finish_reason, version=version))
-                rows[uid] = self.prompts.rows[i]
-        decode = self.tokenizer.decode
-        results = distributed.rank0_then_broadcast(
-            lambda: self.pool.score([(r.domain, decode(r.tokens), rows[r.uid].row) for r in responses]))
-        for r, res in zip(responses, results):
-            r.reward = res.reward
-        if ro.record and distributed.is_rank0():
-            rewards = {(r.group, r.uid - r.group * ro.samples_per_prompt): r.reward for r in responses}
-            record_round(self.run_dir / "rollouts", keys, [self.prompts.token_ids[i] for i in idx], out, rewards,
-                         decode)
-        return responses, sum(x.timed_out for x in results)
+                res = next(results)
+                responses.append(Response(key * k + s, key, rows[i].domain, prompts[i], c.tokens, c.logprobs,
+                                          c.finish_reason, reward=res.reward, version=version))
+                stats["reward_timeouts"] += res.timed_out
+        if self.recipe.rollout.record:
+            rewards = {(r.group, r.uid - r.group * k): r.reward for r in responses}
+            record_round(self.run_dir / "rollouts", keys, prompts, generated, rewards, decode)
+        group_stds = group_advantages(responses)  # on full groups, before anything is cut or dropped
+        stats["responses"] += responses
+        if self.recipe.rl.drop_zero_variance:
+            responses = drop_zero_variance(responses, group_stds)
+        segments += [Segment(x) for x in responses]
+
+    def _plan(self, segments: list[Segment]) -> tuple[list, int, int]:
+        """Rank 0: the step's loss tokens in buckets (the rest carried), planned into every
+        data-parallel rank's micro-batches of rows. Returns (rows per dp rank, D, forward tokens)."""
+        if self.budget.mode.fills_budget:
+            buckets, rest = fill_buckets(segments, self.budget.tokens, self.budget.buckets)
+            self.pending = rest if self.recipe.rl.leftover == "carry" else []
+        else:
+            buckets = [segments]
+        selected = [s for b in buckets for s in b]
+        plan = rank_balance.plan(buckets, self.session.dp, self.recipe.train.micro_batch, self.budget.per_rank)
+        per_response = self.budget.mode.per_response_weight
+        rows = [[rl_batch.rows_of(mb, per_response) for mb in mbs] for mbs in plan]
+        return rows, self.budget.divisor(selected), sum(s.seq_len for s in selected)

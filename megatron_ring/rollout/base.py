@@ -25,11 +25,17 @@ class Completion:
 
 
 class RolloutEngine:
-    """Base class; collective methods are called on every rank of the trainer."""
+    """Base class. `generate` of a collective engine (the embedded one: the trainer's own model
+    samples) is called on every rank; of the others (servers, replay) on rank 0 only, while the
+    other ranks wait on the control group. push_weights is collective."""
+
+    collective = False
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
-                 keys: list[int] | None = None) -> list[list[Completion]]:
-        """n completions for each prompt (keys: a global id per prompt, for seeding)."""
+                 keys: list[int] | None = None, on_group=None) -> list[list[Completion]]:
+        """n completions for each prompt (keys: a global id per prompt, for seeding).
+        on_group(i, completions), when given, is called once per prompt as its group is complete
+        (possibly from another thread), so rewards can start before the last group is back."""
         raise NotImplementedError
 
     def push_weights(self, model, version: int) -> None:

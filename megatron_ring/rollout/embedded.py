@@ -10,16 +10,19 @@ from megatron.core import parallel_state as ps
 
 from megatron_ring.inference.sampling import generate
 from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.streamed_rewards import handed_over
 from megatron_ring.rollout.base import Completion, RolloutEngine
 
 
 class EmbeddedEngine(RolloutEngine):
+    collective = True  # every rank samples its share with the trainer's model
+
     def __init__(self, model, eos_id: int, batch_size: int = 64):
         self.model = model
         self.eos_id = eos_id
         self.batch_size = batch_size
 
-    def generate(self, prompts, n, params: SamplingParams, keys=None):
+    def generate(self, prompts, n, params: SamplingParams, keys=None, on_group=None):
         keys = list(range(len(prompts))) if keys is None else keys
         pairs = [(p, s) for p in range(len(prompts)) for s in range(n)]
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -34,7 +37,7 @@ class EmbeddedEngine(RolloutEngine):
         for part in gathered:
             for p, s, c in part:
                 out[p][s] = c
-        return out
+        return handed_over(out, on_group) if on_group else out
 
     def push_weights(self, model, version: int) -> None:
         pass  # samples from the live weights

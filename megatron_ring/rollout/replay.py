@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout.streamed_rewards import handed_over
 from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError
 
 
@@ -41,7 +42,7 @@ class ReplayEngine(RolloutEngine):
         if not self.root.is_dir():
             raise RolloutError(f"rollout.replay_dir: {self.root} is not a directory of recorded rollouts")
 
-    def generate(self, prompts, n, params: SamplingParams, keys=None):
+    def generate(self, prompts, n, params: SamplingParams, keys=None, on_group=None):
         if keys is None:
             raise RolloutError("replay needs the prompts' global keys to find their round")
         path = round_path(self.root, keys[0])
@@ -57,7 +58,8 @@ class ReplayEngine(RolloutEngine):
             out.setdefault(d["key"], {})[d["sample"]] = Completion(d["tokens"], d["logprobs"], d["finish_reason"])
         if any(len(out.get(k, {})) != n for k in keys):
             raise RolloutError(f"{path}: recorded with another samples_per_prompt than {n}")
-        return [[out[k][s] for s in range(n)] for k in keys]
+        groups = [[out[k][s] for s in range(n)] for k in keys]
+        return handed_over(groups, on_group) if on_group else groups
 
     def push_weights(self, model, version: int) -> None:
         pass  # the recorded samples stay what they were

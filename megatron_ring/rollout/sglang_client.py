@@ -124,21 +124,9 @@ class SGLangClient:
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         if not prompts or n < 1:
             return [[] for _ in prompts]
-        rows, sampling = [], []
-        for i, prompt in enumerate(prompts):
-            for j in range(n):
-                sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                      "top_p": params.top_p}
-                if stop_token_ids:
-                    sp["stop_token_ids"] = list(stop_token_ids)
-                if keys is not None:
-                    sp["sampling_seed"] = sampling_seed(params.seed, keys[i], j)
-                rows.append([int(t) for t in prompt])
-                sampling.append(sp)
-        body = {"input_ids": rows, "sampling_params": sampling, "return_logprob": True,
-                "logprob_start_len": -1}
+        body = generate_body(prompts, n, params, keys, stop_token_ids)
         answer = self.post("/generate", body)
-        flat = parse_generate(answer, len(rows), f"{self.url}/generate")
+        flat = parse_generate(answer, len(prompts) * n, f"{self.url}/generate")
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     # -- weights -----------------------------------------------------------------------------
@@ -188,6 +176,30 @@ class SGLangClient:
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         self.post("/destroy_weights_update_group", {"group_name": group_name}, retry=False)
+
+
+def sampling_dict(params: SamplingParams, max_new_tokens: int, stop_token_ids: list[int] | None,
+                  seed: int | None) -> dict:
+    """One row's sampling_params."""
+    sp = {"max_new_tokens": max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
+    if stop_token_ids:
+        sp["stop_token_ids"] = list(stop_token_ids)
+    if seed is not None:
+        sp["sampling_seed"] = seed
+    return sp
+
+
+def generate_body(prompts: list[list[int]], n: int, params: SamplingParams, keys: list[int] | None,
+                  stop_token_ids: list[int] | None) -> dict:
+    """A batched /generate request: one input_ids row per (prompt, sample), prompt-major, each
+    with its own sampling_params (and seed, with keys)."""
+    rows, sampling = [], []
+    for i, prompt in enumerate(prompts):
+        for j in range(n):
+            seed = None if keys is None else sampling_seed(params.seed, keys[i], j)
+            rows.append([int(t) for t in prompt])
+            sampling.append(sampling_dict(params, params.max_new_tokens, stop_token_ids, seed))
+    return {"input_ids": rows, "sampling_params": sampling, "return_logprob": True, "logprob_start_len": -1}
 
 
 def _check_success(answer, where: str) -> dict:

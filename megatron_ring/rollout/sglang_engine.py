@@ -1,8 +1,7 @@
-"""The rollout engine backed by an SGLang server (given by URL, or started here).
-
-Only the trainer's rank 0 talks to the server; what it gets (or the error it hit) is broadcast
-to every rank, so all ranks return the same completions or all raise the same RolloutError and
-the step ends together, before anything is written over the last checkpoint.
+"""The rollout engine backed by SGLang: an engine fleet given by URL (a server or sglang-router)
+or started here (rollout/fleet.py). Only the trainer's rank 0 talks to it; weight pushes are
+collective (every rank takes part in the export), and their outcome (or error) reaches every
+rank, so a failed push ends the step on all of them before the last checkpoint is touched.
 """
 
 from __future__ import annotations
@@ -18,6 +17,9 @@ from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.models.weights import export_hf
 from megatron_ring.platform.distributed import free_port, is_rank0, rank0_then_broadcast
 from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError
+from megatron_ring.rollout.fleet import Fleet
+from megatron_ring.rollout.fleet_client import FleetClient
+from megatron_ring.rollout.fleet_plan import FleetPlan
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
 from megatron_ring.rollout.weight_sync import WeightBroadcaster, hf_named_tensors, push_from_disk
@@ -25,7 +27,7 @@ from megatron_ring.rollout.weight_sync import WeightBroadcaster, hf_named_tensor
 
 def _master_address(engine) -> str:
     """Where the server reaches trainer rank 0: loopback for a server started here."""
-    if engine.server is not None:
+    if engine.fleet.servers:
         return "127.0.0.1"
     return os.environ.get("ROLLOUT_MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
 
@@ -43,30 +45,44 @@ def _server_tp(engine, server_args) -> int:
 
 
 class SGLangEngine(RolloutEngine):
-    """RolloutEngine over SGLang's HTTP API.
+    """RolloutEngine over a fleet of SGLang servers (one, or many behind sglang-router).
 
-    weight_mode "disk": push_weights exports HF safetensors into weights_dir (a directory the
-    server can read) and the server reloads it. "distributed": tensors are broadcast to the
-    server over a separate process group (see weight_sync.WeightBroadcaster).
+    generate runs on rank 0 only (the other ranks wait on the control group): the FleetClient
+    keeps the fleet busy and streams finished groups to on_group.
+    weight_mode "disk": push_weights exports HF safetensors into weights_dir (a directory every
+    engine can read) and every engine reloads it. "distributed": tensors are broadcast to the
+    server over a separate process group (see weight_sync.WeightBroadcaster; one engine).
     """
 
-    def __init__(self, client: SGLangClient, *, server: SGLangServer | None = None,
+    def __init__(self, client: SGLangClient, *, fleet: Fleet | None = None, server: SGLangServer | None = None,
                  weight_mode: str = "disk", weights_dir=None, export_dtype: torch.dtype = torch.bfloat16,
-                 stop_token_ids: list[int] | None = None, broadcaster: WeightBroadcaster | None = None):
+                 stop_token_ids: list[int] | None = None, broadcaster: WeightBroadcaster | None = None,
+                 requests: dict | None = None):
+        """requests: FleetClient options (concurrency, timeout_s, attempts, context_length)."""
         if weight_mode not in ("disk", "distributed"):
             raise ValueError(f"weight_mode must be 'disk' or 'distributed', not {weight_mode!r}")
         if weight_mode == "disk" and weights_dir is None:
             raise ValueError("weight_mode 'disk' needs weights_dir (e.g. RUN_DIR/rollout_weights)")
         if weight_mode == "distributed" and broadcaster is None and is_rank0():
             raise ValueError("weight_mode 'distributed' needs a WeightBroadcaster on rank 0")
-        self.client, self.server = client, server
+        self.client = client
+        self.fleet = fleet or Fleet(client.url, [client.url], [server] if server else [])
         self.weight_mode, self.export_dtype = weight_mode, export_dtype
         self.weights_dir = None if weights_dir is None else Path(weights_dir)
         self.stop_token_ids, self.broadcaster = stop_token_ids, broadcaster
+        options = {"attempts": client.attempts, "backoff_s": client.backoff_s, "backoff_max_s": client.backoff_max_s,
+                   **(requests or {})}
+        self.requests = FleetClient(self.fleet.url, stop_token_ids=stop_token_ids, on_failure=self.fleet.prune,
+                                    **options)
+
+    @property
+    def server(self) -> SGLangServer | None:
+        """The one server this process started, if any."""
+        return self.fleet.servers[0] if len(self.fleet.servers) == 1 else None
 
     @classmethod
     def connect(cls, url: str, client_options: dict | None = None, **kwargs) -> "SGLangEngine":
-        """An engine on a server that is already running at url."""
+        """An engine on a server (or router) that is already running at url."""
         return cls(SGLangClient(url, **(client_options or {})), **kwargs)
 
     @classmethod
@@ -89,36 +105,44 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_recipe(cls, recipe, model, tokenizer, run_dir) -> "SGLangEngine":
-        """The recipe's engine (collective): rollout.url, or a server started on the model's
-        current weights exported to run_dir/rollout_weights; rollout.weight_sync picks the push.
-        A server given by URL serves its own weights until the first push_weights."""
+        """The recipe's engine (collective): rollout.url (a server or a router), or the fleet
+        started on the model's current weights exported to run_dir/rollout_weights;
+        rollout.weight_sync picks the push. A server given by URL serves its own weights until
+        the first push_weights."""
         ro, run_dir = recipe.rollout, Path(run_dir)
+        plan = FleetPlan.of(recipe)
         weights_dir = run_dir / "rollout_weights"
-        kwargs = {"weights_dir": weights_dir, "stop_token_ids": [tokenizer.eos_id]}
         if ro.url:
-            engine = cls.connect(ro.url, **kwargs)
-            rank0_then_broadcast(lambda: engine.client.wait_healthy(ro.ready_timeout_s), RolloutError)
+            rank0_then_broadcast(lambda: SGLangClient(ro.url).wait_healthy(ro.ready_timeout_s), RolloutError)
+            fleet = Fleet.connect(ro.url, ro.ready_timeout_s) if is_rank0() else Fleet(ro.url, [])
         else:
             if is_rank0() and weights_dir.exists():
                 shutil.rmtree(weights_dir)
             # The server reads its tokenizer from the model directory: the trainer's goes with it.
             export_hf(model, weights_dir, torch.bfloat16, source=tokenizer.path)
-            engine = cls.launch(weights_dir, run_dir, extra_args=ro.server_args,
-                                ready_timeout_s=ro.ready_timeout_s, **kwargs)
+            fleet = Fleet.start(plan, weights_dir, run_dir / "logs", command=tuple(ro.server_command) or SGLANG_COMMAND,
+                                ready_timeout_s=ro.ready_timeout_s)
+        requests = {"concurrency": ro.concurrency, "timeout_s": ro.request_timeout_s, "attempts": ro.request_attempts,
+                    "context_length": plan.context_length}
+        engine = cls(SGLangClient(fleet.url), fleet=fleet, weights_dir=weights_dir, stop_token_ids=[tokenizer.eos_id],
+                     requests=requests)
         if ro.weight_sync == "distributed":
+            if is_rank0() and len(fleet.engines) != 1:
+                engine.close()
+                raise RolloutError(f"rollout.weight_sync=distributed broadcasts to one engine; the fleet has "
+                                   f"{len(fleet.engines)}: use rollout.weight_sync=disk")
             engine.weight_mode = "distributed"
             if is_rank0():
                 engine.broadcaster = WeightBroadcaster(
-                    engine.client, _master_address(engine), free_port(),
-                    server_world_size=_server_tp(engine, ro.server_args),
+                    SGLangClient(fleet.engines[0]), _master_address(engine), free_port(),
+                    server_world_size=_server_tp(engine, plan.server_args),
                     backend="nccl" if torch.cuda.is_available() else "gloo")
         return engine
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
-                 keys: list[int] | None = None) -> list[list[Completion]]:
-        """Rank 0's prompts are sent; every rank gets their completions (pass the same prompts)."""
-        return rank0_then_broadcast(lambda: self.client.generate(prompts, n, params, keys, self.stop_token_ids),
-                                    RolloutError)
+                 keys: list[int] | None = None, on_group=None) -> list[list[Completion]]:
+        """Rank 0 only: the fleet's completions, each group handed to on_group as it is done."""
+        return self.requests.generate(prompts, n, params, keys, on_group)
 
     def push_weights(self, model, version: int) -> None:
         if self.weight_mode == "disk":
@@ -130,7 +154,8 @@ class SGLangEngine(RolloutEngine):
         if is_rank0() and self.weights_dir.exists():
             shutil.rmtree(self.weights_dir)  # no shard of an older export may survive
         export_hf(model, self.weights_dir, self.export_dtype)  # collective, ends with a barrier
-        rank0_then_broadcast(lambda: push_from_disk(self.client, self.weights_dir, version), RolloutError)
+        rank0_then_broadcast(lambda: self.fleet.each(lambda c: push_from_disk(c, self.weights_dir, version)),
+                             RolloutError)
 
     def _push_distributed(self, model, version: int) -> None:
         named = hf_named_tensors(model)  # collective: every rank walks it to the end
@@ -148,11 +173,12 @@ class SGLangEngine(RolloutEngine):
         rank0_then_broadcast(send, RolloutError)
 
     def health(self) -> bool:
-        return self.client.health()
+        return bool(self.fleet.healthy())
 
     def close(self) -> None:
-        if self.broadcaster is not None:
-            self.broadcaster.close()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        try:
+            if self.broadcaster is not None:
+                self.broadcaster.close()
+                self.broadcaster = None
+        finally:
+            self.fleet.close()

@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ring.ops import logprob_entropy
 from megatron_ring.platform.distributed import to_device
-from megatron_ring.train.lm_head import flat, head_args, hidden_tokens, unwrap
+from megatron_ring.models.lm_head import flat, head_args, hidden_tokens, unwrap
 
 
 @dataclass

@@ -26,7 +26,9 @@ class Session:
         (recipe saved, demo data generated) and the tokenizer checked against the model."""
         self.recipe, self.run_dir, self.stage = recipe, Path(run_dir), stage
         self.layout = check_layout(recipe, world_size=distributed.launched_world_size())
-        distributed.init(self.layout.tp, self.layout.ep, seed=recipe.train.seed)
+        rollout = getattr(recipe, "rollout", None)  # RL: ranks wait on the control group while rank 0 samples
+        distributed.init(self.layout.tp, self.layout.ep, seed=recipe.train.seed,
+                         **({"control_timeout_s": rollout.control_timeout_s} if rollout else {}))
         stage_setup.save_recipe(recipe, self.run_dir)
         stage_setup.ensure_demo_data(recipe, self.run_dir)
         self.tokenizer = stage_setup.load_tokenizer(recipe, self.run_dir, recipe.model.arch())
