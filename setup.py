@@ -10,7 +10,7 @@ PINS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 CORE = [
     PINS["MEGATRON_CORE"],
     PINS["SGLANG_ROUTER"],  # the engine fleet's router (rollout/router.py)
-    "httpx",  # the fleet client's concurrent requests (rollout/fleet_client.py)
+    "aiohttp",  # the fleet client's concurrent requests (rollout/fleet_client.py)
     "pyyaml",
     "wandb",
     "safetensors",

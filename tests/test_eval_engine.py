@@ -99,6 +99,7 @@ def reference_entropy(sd, config, prompt, tokens, temperature) -> float:
     return float(-(logp.exp() * logp).sum())
 
 
+@pytest.mark.slow  # a server on the tiny model, evaluate in a worker process: ~20 s
 def test_evaluate_through_an_engine(server, tiny_hf, data, tmp_path):
     out = tmp_path / "eval.json"
     worker("evaluate", tiny_hf, server.url, data, out)

@@ -20,7 +20,7 @@ import asyncio
 import json
 import resource
 
-import httpx
+import aiohttp
 
 from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.rollout.base import Completion, RolloutError
@@ -64,8 +64,10 @@ class FleetClient:
         out: list[list[Completion] | None] = [None] * len(prompts)
         width = open_files_for(self.concurrency)
         gate = asyncio.Semaphore(width)
-        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=30.0), limits=limits) as http:
+        # aiohttp, not httpx: httpx's pool costs O(connections) per request, and at a few hundred
+        # in flight the client, not the fleet, set the pace (tools/bench_rollout.py measured it).
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s, connect=30.0)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=width), timeout=timeout) as http:
             tasks = [asyncio.create_task(self._group(http, gate, i, prompts[i], n, params,
                                                      None if keys is None else keys[i]))
                      for i in range(len(prompts))]
@@ -112,21 +114,23 @@ class FleetClient:
                 await asyncio.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)))
             self.stats["requests"] += 1
             try:
-                resp = await http.post(where, json=body)
-            except httpx.TimeoutException:
+                async with http.post(where, json=body) as resp:
+                    status, raw = resp.status, await resp.read()
+            except asyncio.TimeoutError:
                 problem = f"no answer within {self.timeout_s:g} s"
                 continue
-            except httpx.TransportError as e:  # refused, reset, cut short (an engine died)
+            except aiohttp.ClientError as e:  # refused, reset, cut short (an engine died)
                 problem = f"connection failed ({type(e).__name__}: {e})"
                 continue
-            if resp.status_code >= 500:
-                problem = f"HTTP {resp.status_code}: {resp.text[:300]}"
+            if status >= 400:
+                text = raw[:500].decode("utf-8", "replace")
+                if status < 500:
+                    raise RolloutError(f"POST {where} refused: HTTP {status}: {text}")
+                problem = f"HTTP {status}: {text[:300]}"
                 continue
-            if resp.status_code >= 400:
-                raise RolloutError(f"POST {where} refused: HTTP {resp.status_code}: {resp.text[:500]}")
             try:
-                return parse_generate([json.loads(resp.content)], 1, where)[0]
-            except (json.JSONDecodeError, RolloutError) as e:  # a half-written answer: ask again
+                return parse_generate([json.loads(raw)], 1, where)[0]
+            except (json.JSONDecodeError, UnicodeDecodeError, RolloutError) as e:  # a half-written answer: ask again
                 problem = str(e)
         raise RolloutError(f"POST {where} failed after {self.attempts} attempt(s): {problem}")
 
