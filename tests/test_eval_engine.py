@@ -58,6 +58,7 @@ def single(tiny_hf, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a model built and sampled in a worker process: ~18 s
 def test_teacher_forced_entropy_is_the_samplers(single):
     r = single
     assert len(r["tokens"]) == len(PROMPTS) * SAMPLES and all(r["tokens"])

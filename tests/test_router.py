@@ -127,6 +127,7 @@ def test_sigkilled_worker_costs_no_request(fleet):
     assert sorted(router.workers()) == sorted(s.url for s in fleet["servers"])
 
 
+@pytest.mark.slow  # a router of its own that fails to start: ~4 s
 def test_start_failure_names_the_router_and_its_log(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
