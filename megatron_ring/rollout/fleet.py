@@ -100,8 +100,7 @@ class Fleet:
         return fleet
 
     def healthy(self) -> list[str]:
-        with ThreadPoolExecutor(max(1, min(32, len(self.engines)))) as pool:
-            alive = list(pool.map(lambda u: SGLangClient(u).health(timeout_s=10.0), self.engines))
+        alive = self.each(lambda client: client.health(timeout_s=10.0))
         return [u for u, ok in zip(self.engines, alive) if ok]
 
     def prune(self) -> None:
@@ -125,10 +124,6 @@ class Fleet:
         """fn(SGLangClient) on every engine at once (weight pushes); the first error is raised."""
         with ThreadPoolExecutor(max(1, min(32, len(self.engines)))) as pool:
             return list(pool.map(lambda u: fn(SGLangClient(u)), self.engines))
-
-    def describe(self) -> str:
-        via = f" behind router {self.url}" if self.router or self.url not in self.engines else ""
-        return f"{len(self.engines)} engine(s){via}: {', '.join(self.engines)}"
 
     def close(self) -> None:
         try:
