@@ -76,7 +76,10 @@ def cmdline(pid: int) -> str:
 
 
 def workers_of(launcher: int) -> list[int]:
-    return [p for p in descendants(launcher) if "megatron_ring.cli" in cmdline(p) and "-u" in cmdline(p).split()]
+    """torchrun's workers. A process a worker forks (Megatron's checkpoint writer, briefly) carries
+    the worker's command line too: only those whose parent is no worker count."""
+    found = [p for p in descendants(launcher) if "megatron_ring.cli" in cmdline(p) and "-u" in cmdline(p).split()]
+    return [p for p in found if not any(p in children(q) for q in found)]
 
 
 def wait_for(condition, timeout: float, what: str, proc=None):
