@@ -37,9 +37,11 @@ class Fleet:
 
     @classmethod
     def connect(cls, url: str, ready_timeout_s: float = 600.0, poll_s: float = 2.0) -> "Fleet":
-        """A running server or router: a server is its own engine; a router's engines are its
-        workers, waited for (it answers /health before its first worker is registered)."""
+        """A running server or router, once it answers /health (a dedicated one may still be
+        loading): a server is its own engine; a router's engines are its workers, waited for (it
+        answers /health before its first worker is registered)."""
         deadline = time.monotonic() + ready_timeout_s
+        SGLangClient(url).wait_healthy(ready_timeout_s)
         while True:
             try:  # sglang-router answers GET /workers; a server does not
                 answer = SGLangClient(url, timeout_s=30.0).request("GET", "/workers", retry=False)

@@ -113,8 +113,8 @@ class SGLangEngine(RolloutEngine):
         plan = FleetPlan.of(recipe)
         weights_dir = run_dir / "rollout_weights"
         if ro.url:
-            rank0_then_broadcast(lambda: SGLangClient(ro.url).wait_healthy(ro.ready_timeout_s), RolloutError)
-            fleet = Fleet.connect(ro.url, ro.ready_timeout_s) if is_rank0() else Fleet(ro.url, [])
+            engines = rank0_then_broadcast(lambda: Fleet.connect(ro.url, ro.ready_timeout_s).engines, RolloutError)
+            fleet = Fleet(ro.url, engines)
         else:
             if is_rank0() and weights_dir.exists():
                 shutil.rmtree(weights_dir)
@@ -127,7 +127,7 @@ class SGLangEngine(RolloutEngine):
         engine = cls(SGLangClient(fleet.url), fleet=fleet, weights_dir=weights_dir, stop_token_ids=[tokenizer.eos_id],
                      requests=requests)
         if ro.weight_sync == "distributed":
-            if is_rank0() and len(fleet.engines) != 1:
+            if len(fleet.engines) != 1:  # every rank knows the fleet: all of them stop here
                 engine.close()
                 raise RolloutError(f"rollout.weight_sync=distributed broadcasts to one engine; the fleet has "
                                    f"{len(fleet.engines)}: use rollout.weight_sync=disk")

@@ -53,18 +53,15 @@ def _open_engine(s, model, tokenizer, run_dir: Path, dtype, step: int):
     from megatron_ring.models.weights import export_hf
     from megatron_ring.rollout.base import RolloutError
     from megatron_ring.rollout.fleet import Fleet
-    from megatron_ring.rollout.sglang_client import SGLangClient
     from megatron_ring.rollout.sglang_engine import SGLangEngine  # deferred: the SGLang client and server
 
     weights = run_dir / "selection" / "rollout_weights"
     kwargs = {"weights_dir": weights, "stop_token_ids": [tokenizer.eos_id], "export_dtype": dtype,
               "requests": {"context_length": model.arch.max_position_embeddings or 0}}  # max_new_tokens clamped
     if s.url:
-        def reach() -> list[str]:  # a router: the workers behind it are the ones pushed to
-            SGLangClient(s.url).wait_healthy(s.ready_timeout_s)
-            return Fleet.connect(s.url).engines
-
-        engines = distributed.rank0_then_broadcast(reach, RolloutError)
+        # a router: the workers behind it are the ones pushed to
+        engines = distributed.rank0_then_broadcast(lambda: Fleet.connect(s.url, s.ready_timeout_s).engines,
+                                                   RolloutError)
         engine = SGLangEngine.connect(s.url, fleet=Fleet(s.url, engines), **kwargs)
         engine.push_weights(model, version=step)
         return engine
