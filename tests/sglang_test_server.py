@@ -5,10 +5,32 @@
 It serves a Ling model from an HF safetensors directory with the plain-PyTorch forward of
 tests/hf_reference.py (no Megatron, no megatron_ring) and implements the request and response
 fields of SGLang's native API that the notes record (/generate with input_ids and logprobs, the
-weight-update endpoints, health). Pushed weights really replace the served ones: from disk, or
-received by broadcast in a process group joined the way SGLang joins it (tcp rendezvous on the
-trainer's store, group-name prefix, torch's own group helper), so a protocol mistake in the
-client shows up as wrong logprobs or a hang, not as a passing test.
+weight-update endpoints, health). Pushed weights really replace the served ones, so a protocol
+mistake in the client shows up as wrong logprobs, a 400 or a hang, not as a passing test:
+- from disk (/update_weights_from_disk);
+- by broadcast (/init_weights_update_group, /update_weights_from_distributed, between
+  /begin_weight_update and /end_weight_update as SGLang 0.5.23 requires): the engine's --tp N
+  ranks join the trainer's group as ranks rank_offset.. rank_offset+N-1, each from its own
+  thread; TP rank 0 the way SGLang joins (tcp rendezvous on the trainer's store, group-name
+  prefix, torch's own group helper), the others on the same store prefixes built by hand (one
+  process cannot register a group name twice), so wrong prefixes show up as a hang. Tensors come
+  one broadcast each, or with load_format "flattened_bucket" as one uint8 broadcast laid out as
+  SGLang's FlattenedTensorBucket.empty. Every TP rank must receive the same tensors;
+- as serialized tensors (/update_weights_from_tensor): one base64 ForkingPickler payload per TP
+  rank (SGLang's MultiprocessingSerializer), read with an allowlist unpickler modelled on
+  SGLang's SafeUnpickler; CPU tensors travel as shared-memory files (the trainer's
+  torch.multiprocessing sharing strategy "file_system") and are copied before the answer.
+/get_weights_by_name answers a served tensor as SGLang's llama does (first truncate_size rows,
+as floats); --no-weights-by-name answers it as SGLang does for BailingMoeForCausalLM (Ling),
+which has no get_weights_by_name. --enable-memory-saver models /release_memory_occupation and
+/resume_memory_occupation by tags: only the released set is tracked (no memory is freed; weights
+survive a release, as with a CPU backup), and /generate or a weight push meanwhile is refused.
+GET /events (not an SGLang endpoint) lists memory and weight-update events in order, each with
+the number of /generate requests answered so far, so tests can check what happened when (the
+log has them too, as EVENT lines). Two more test-only endpoints: POST /test_exit_after_buckets
+{n} makes the process exit after its n-th received bucket, before answering (an engine dying
+mid-push); POST /bench_receive {group_name, numel} receives one raw broadcast of numel bytes on
+every TP rank (what tools/bench_weight_sync.py measures a push against).
 
 Synthetic mode (`--synthetic-vocab V`), for fleet and scheduling tests where the numbers do not
 matter but lengths and timing do: no model is loaded (--model-path is only reported); every row
@@ -16,7 +38,9 @@ draws its length from a lognormal (median --synthetic-median-len, sigma --synthe
 and its token ids in [2, V) and logprobs in [-5, 0) from random.Random(sampling_seed), so a seed
 gives the same answer bit for bit, on any server of a fleet. Of the sampling parameters only
 max_new_tokens, ignore_eos and sampling_seed (and n) count. A push from disk reads nothing: it
-records the version and the path, as a real one would; the distributed push is refused.
+records the version and the path, as a real one would; distributed and tensor pushes are
+received (and checked) like above, then dropped, so synthetic engines can take part in a fleet's
+push; /get_weights_by_name is refused as with --no-weights-by-name.
 
 Engine-like timing, both modes: --decode-latency-s D makes a request take max(row lengths) x D
 seconds (rows of a request decode together, as in continuous batching; requests overlap), and
@@ -28,19 +52,26 @@ meta_info.model_path (not an SGLang field) so tests can tell which server of a f
 The real sglang-router registers it (/health, /server_info, /model_info; its HTTP/2 attempt is
 answered 505 and it falls back to HTTP/1.1): tests/test_router.py.
 
-Not modelled: KV cache, tokenizer/text, streaming, TP > 1.
+Not modelled: KV cache, tokenizer/text, streaming, sharding over TP ranks (every TP rank holds
+the full tensors and one forward serves them), CUDA IPC and SGLang's LocalSerializedTensor,
+load formats other than "flattened_bucket", draft models (selector), abort_all_requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import math
+import os
+import pickle
 import random
 import signal
 import sys
 import threading
 import time
+import types
 import uuid
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,11 +135,16 @@ class Model:
                 raise BadRequest(f"{name} has shape {list(shape)}, served {list(self.sd[name].shape)}")
 
     def replace(self, tensors: dict[str, torch.Tensor], version) -> None:
-        new = {k: v.to(self.sd[k].dtype) for k, v in tensors.items()}
+        """Copies: a pushed tensor may be the trainer's shared memory, reused after the answer."""
+        new = {k: v.to(self.sd[k].dtype, copy=True) for k, v in tensors.items()}
         with self.lock:
             self.sd = {**self.sd, **new}
             if version is not None:
                 self.weight_version = str(version)
+
+    def load_tensors(self, named: list[tuple[str, torch.Tensor]], version) -> None:
+        self.check({k: v.shape for k, v in named})
+        self.replace(dict(named), version)
 
     def load_dir(self, path: str, version) -> None:
         config, sd = load_hf_dir(path)
@@ -183,6 +219,12 @@ class SyntheticModel:
             if version is not None:
                 self.weight_version = str(version)
 
+    def load_tensors(self, named, version) -> None:
+        """Received and dropped: there is nothing to serve them with."""
+        with self.lock:
+            if version is not None:
+                self.weight_version = str(version)
+
     def sample(self, prompt: list[int], sp: dict, return_logprob: bool) -> dict:
         start = time.monotonic()
         vocab, eos = self.config["vocab_size"], self.config["eos_token_id"]
@@ -214,42 +256,210 @@ class SyntheticModel:
         return {"text": "", "output_ids": out, "meta_info": meta}
 
 
+def on_ranks(n: int, fn) -> list:
+    """fn(tp_rank) for every TP rank, each in its own thread, as a collective needs them all at
+    once; the first error is raised once every rank has returned."""
+    results, errors = [None] * n, []
+
+    def run(r):
+        try:
+            results[r] = fn(r)
+        except Exception as e:  # noqa: BLE001 - raised below, in the request's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def same_on_tp_ranks(per_rank: list[list]) -> list[tuple[str, torch.Tensor]]:
+    """TP rank 0's (name, tensor) list, once every rank is seen to hold the same."""
+    first = per_rank[0]
+    for r, got in enumerate(per_rank[1:], 1):
+        if [n for n, _ in got] != [n for n, _ in first]:
+            raise BadRequest(f"TP rank {r} received tensors {[n for n, _ in got][:5]}, TP rank 0 {[n for n, _ in first][:5]}")
+        for (name, a), (_, b) in zip(first, got):
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                raise BadRequest(f"TP rank {r} received a different {name} than TP rank 0")
+    return first
+
+
+def as_dtype(name) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise BadRequest(f"unknown dtype {name!r}")
+    return dtype
+
+
+class Record(types.SimpleNamespace):
+    """sglang's FlattenedTensorMetadata and FlattenedTensorBucket in a payload (sglang is not
+    installed here): their fields, by name."""
+
+
+def bucket_layout(names, dtypes, shapes) -> tuple[list[Record], int]:
+    """SGLang's FlattenedTensorBucket.empty: tensors back to back, byte offsets, each aligned to
+    its dtype; -> (metadata, total bytes)."""
+    metadata, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        dtype, shape = as_dtype(dtype), torch.Size(shape)
+        if any(dim < 0 for dim in shape):
+            raise BadRequest(f"Negative dimension in received tensor {name}: {shape}")
+        if offset % dtype.itemsize:
+            raise BadRequest(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+        size = shape.numel() * dtype.itemsize
+        metadata.append(Record(name=name, shape=shape, dtype=dtype, start_idx=offset,
+                               end_idx=offset + size, numel=size))
+        offset += size
+    if not metadata:
+        raise BadRequest("Cannot create empty tensor bucket")
+    return metadata, offset
+
+
+def reconstruct(flat: torch.Tensor, metadata) -> list[tuple[str, torch.Tensor]]:
+    """SGLang's FlattenedTensorBucket.reconstruct_tensors: views into the flat uint8 tensor."""
+    return [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in metadata]
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """SGLang's allowlist (utils/common.py SafeUnpickler), in kind: containers, torch dtypes and
+    the tensor and storage rebuilders of pickle and torch.multiprocessing, SGLang's bucket
+    records; any other global is refused in SGLang's words."""
+
+    ALLOWED = frozenset({("builtins", n) for n in ("bool", "bytearray", "bytes", "complex", "dict", "float",
+                                         "frozenset", "int", "list", "range", "set", "slice", "str", "tuple")} | {
+        ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "deque"),
+        ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"), ("types", "SimpleNamespace"),
+        ("multiprocessing.resource_sharer", "DupFd"), ("torch", "Tensor"), ("torch", "Size"),
+        ("torch", "device"), ("torch", "dtype"), ("torch.nn.parameter", "Parameter"),
+        ("torch._tensor", "_rebuild_from_type_v2"), ("torch.storage", "UntypedStorage"),
+        ("torch.storage", "TypedStorage")})
+    SGLANG = frozenset({("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"),
+                        ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorBucket")})
+
+    def find_class(self, module, name):
+        if (module, name) in self.SGLANG:
+            return Record
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # torch's own is an unrestricted torch.load
+            return lambda data: torch.load(io.BytesIO(data), weights_only=True)
+        if ((module, name) in self.ALLOWED
+                or module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+                or module == "torch._utils" and name.startswith("_rebuild_")
+                or module == "torch.multiprocessing.reductions" and name.startswith("rebuild_")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+
+def tensor_payload(entry: str, load_format) -> list[tuple[str, torch.Tensor]]:
+    """One TP rank's entry of serialized_named_tensors -> (name, tensor) pairs."""
+    obj = SafeUnpickler(io.BytesIO(base64.b64decode(entry, validate=True))).load()
+    if load_format == "flattened_bucket":
+        named = reconstruct(obj["flattened_tensor"], obj["metadata"])
+    elif load_format is None:
+        named = [(name, t) for name, t in obj]
+    else:
+        raise BadRequest(f"Unknown load_format={load_format}")
+    for name, t in named:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise BadRequest(f"expected (name, tensor) pairs, got ({type(name).__name__}, {type(t).__name__})")
+    return named
+
+
 class WeightGroup:
-    """This server's place (rank rank_offset) in the trainer's weight-update group."""
+    """This engine's TP ranks (rank_offset.. rank_offset+tp-1) in the trainer's weight-update
+    group, joined each from its own thread. TP rank 0 joins as SGLang does, through torch's group
+    helper; the others cannot register the group's name again in this process, so they build the
+    gloo group on the store prefixes the helper builds (group, group/, device/): were those wrong,
+    they and rank 0 would not meet."""
 
-    def __init__(self, body: dict):
+    def __init__(self, body: dict, tp: int):
         self.name = body.get("group_name", "weight_update_group")
-        world, rank = int(body["world_size"]), int(body["rank_offset"])
-        timeout = timedelta(seconds=120)
-        url = f"tcp://{body['master_address']}:{int(body['master_port'])}"
-        store, _, _ = next(dist.rendezvous(url, rank=rank, world_size=world, timeout=timeout))
-        store.set_timeout(timeout)
-        from torch.distributed.distributed_c10d import _new_process_group_helper, _world  # as SGLang does
+        self.world, self.offset = int(body["world_size"]), int(body["rank_offset"])
+        self.host, self.port = body["master_address"], int(body["master_port"])
+        self.backend = body.get("backend", "gloo")
+        if tp > 1 and self.backend != "gloo":
+            raise BadRequest(f"backend {self.backend!r}: the test server's TP ranks join with gloo only")
+        self.timeout = timedelta(seconds=120)
+        self.pgs = on_ranks(tp, self._join)
 
-        self.pg, _ = _new_process_group_helper(world, rank, [], body.get("backend", "gloo"),
-                                               dist.PrefixStore(self.name, store),
-                                               group_name=self.name, timeout=timeout)
-        _world.pg_group_ranks[self.pg] = {r: r for r in range(world)}
+    def _join(self, tp_rank: int):
+        rank = self.offset + tp_rank
+        if tp_rank == 0:
+            url = f"tcp://{self.host}:{self.port}"
+            store, _, _ = next(dist.rendezvous(url, rank=rank, world_size=self.world, timeout=self.timeout))
+            store.set_timeout(self.timeout)
+            from torch.distributed.distributed_c10d import _new_process_group_helper, _world  # as SGLang does
 
-    def receive(self, dtypes, shapes) -> list[torch.Tensor]:
+            pg, _ = _new_process_group_helper(self.world, rank, [], self.backend,
+                                              dist.PrefixStore(self.name, store),
+                                              group_name=self.name, timeout=self.timeout)
+            _world.pg_group_ranks[pg] = {r: r for r in range(self.world)}
+            return pg
+        store = dist.TCPStore(self.host, self.port, self.world, is_master=False, timeout=self.timeout)
+        for prefix in (self.name, f"{self.name}/", "cpu/"):
+            store = dist.PrefixStore(prefix, store)
+        pg = dist.ProcessGroupGloo(store, rank, self.world, self.timeout)
+        pg._set_sequence_number_for_group()  # the helper does this too: it reads rank 0's number
+        return pg
+
+    def receive(self, names, dtypes, shapes, load_format) -> list[tuple[str, torch.Tensor]]:
+        """Every TP rank receives from group rank 0 (the trainer); refused unless all got the same."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        out = []
-        for dtype, shape in zip(dtypes, shapes):
-            t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
-            self.pg.broadcast([t], opts).wait()
-            out.append(t)
-        return out
+        if load_format == "flattened_bucket":
+            metadata, size = bucket_layout(names, dtypes, shapes)  # refused before any broadcast
+
+            def one(r):
+                flat = torch.empty(size, dtype=torch.uint8)
+                self.pgs[r].broadcast([flat], opts).wait()
+                return reconstruct(flat, metadata)
+        elif load_format is None:
+            if not len(names) == len(dtypes) == len(shapes):
+                raise BadRequest(f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+            dtypes = [as_dtype(d) for d in dtypes]
+
+            def one(r):
+                out = []
+                for name, dtype, shape in zip(names, dtypes, shapes):
+                    t = torch.empty(shape, dtype=dtype)
+                    self.pgs[r].broadcast([t], opts).wait()
+                    out.append((name, t))
+                return out
+        else:
+            raise BadRequest(f"Unknown load_format={load_format}")
+        return same_on_tp_ranks(on_ranks(len(self.pgs), one))
+
+    def receive_raw(self, numel: int) -> None:
+        """One broadcast of numel bytes on every TP rank, dropped (tools/bench_weight_sync.py)."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = 0, 0
+        on_ranks(len(self.pgs), lambda r: self.pgs[r].broadcast([torch.empty(numel, dtype=torch.uint8)], opts).wait())
 
     def destroy(self):
-        dist.destroy_process_group(self.pg)
+        dist.destroy_process_group(self.pgs[0])  # the others were never registered with torch
+        self.pgs = []
+
+
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES
 
 
 class State:
     def __init__(self, model, context_length: int, decode_latency_s: float = 0.0,
-                 max_running_requests: int = 0):
+                 max_running_requests: int = 0, tp: int = 1, memory_saver: bool = False,
+                 weights_by_name: bool = True):
         self.model = model
         self.synthetic = isinstance(model, SyntheticModel)
+        self.tp = tp
+        self.memory_saver = memory_saver
+        self.weights_by_name = weights_by_name and not self.synthetic
+        self.released: set[str] = set()
+        self.events: list[dict] = []
+        self.generated = 0  # /generate requests answered
+        self.events_lock = threading.Lock()
         self.context_length = context_length
         self.decode_latency_s = decode_latency_s
         self.max_running = max_running_requests  # in sequences (rows), 0: unlimited
@@ -257,6 +467,48 @@ class State:
         self.capacity = threading.Condition()
         self.groups: dict[str, WeightGroup] = {}
         self.updating = False  # between /begin_weight_update and /end_weight_update
+        self.exit_after: int | None = None  # test fault: the process dies after this many more buckets
+
+    def event(self, op: str, **fields) -> None:
+        """Kept for GET /events, and written to the log (which outlives the server) as EVENT {json}."""
+        with self.events_lock:
+            self.events.append({"op": op, **fields, "generated": self.generated})
+            print("EVENT " + json.dumps(self.events[-1]), file=sys.stderr, flush=True)
+
+    def push_refused(self, path: str, session: bool = True) -> str | None:
+        """Why a weight push must not run now (SGLang's words for the session), or None."""
+        if session and not self.updating:
+            return f"{path[1:]} must run between begin_weight_update() and end_weight_update()"
+        if "weights" in self.released:
+            return "weights are released; resume_memory_occupation(['weights']) first"
+        return None
+
+    def pushed(self, kind: str, version, message: str) -> str:
+        """Record a push that replaced (or, synthetic, dropped) the weights; -> its message."""
+        self.event("weights_updated", kind=kind, **({} if version is None else {"version": str(version)}))
+        if version is not None:  # SGLang's tokenizer manager adds this
+            message += f" Weight version updated to {version}."
+        return message
+
+    def memory(self, op: str, tags) -> None:
+        """/release_memory_occupation or /resume_memory_occupation: track the released set."""
+        if not self.memory_saver:
+            raise BadRequest("the memory saver is off: start the server with --enable-memory-saver")
+        tags = list(tags or MEMORY_TAGS)  # SGLang: none or [] means all
+        for tag in tags:
+            if tag not in MEMORY_TAGS:
+                raise BadRequest(f"unknown memory tag {tag!r}: one of {', '.join(MEMORY_TAGS)}")
+        if op == "release":
+            if self.running:
+                raise BadRequest("release_memory_occupation should be called only when server is idle.")
+            if self.released & set(tags):
+                raise BadRequest(f"already released: {sorted(self.released & set(tags))}")
+            self.released |= set(tags)
+        else:
+            if set(tags) - self.released:
+                raise BadRequest(f"not released: {sorted(set(tags) - self.released)}")
+            self.released -= set(tags)
+        self.event(op, tags=tags)
 
     def check_length(self, prompt: list, sp: dict) -> None:
         """SGLang's TokenizerManager check, with its >= and its words."""
@@ -318,18 +570,31 @@ def handle(state: State, method: str, path: str, body: dict):
         return 200, ""
     if method == "GET" and path in ("/model_info", "/get_model_info"):
         return 200, {"model_path": m.model_path, "tokenizer_path": None, "is_generation": True,
-                     "tp_size": 1, "dp_size": 1, "weight_version": m.weight_version}
+                     "tp_size": state.tp, "dp_size": 1, "weight_version": m.weight_version}
     if method == "GET" and path in ("/server_info", "/get_server_info"):
-        return 200, {"tp_size": 1, "dp_size": 1, "model_path": m.model_path,
+        return 200, {"tp_size": state.tp, "dp_size": 1, "model_path": m.model_path,
                      "context_length": state.context_length,
                      "max_running_requests": state.max_running}
+    if method == "GET" and path == "/events":
+        with state.events_lock:
+            return 200, list(state.events)
+    if path == "/get_weights_by_name":  # GET or POST, as SGLang
+        t = m.sd.get(body["name"]) if state.weights_by_name else None
+        if t is None:  # SGLang's answer to an unknown name, and to a model without the method
+            return 400, {"error": {"message": "Get parameter by name failed"}}
+        return 200, t.float().tolist()[:int(body.get("truncate_size", 100))]
     if method != "POST":
         return 404, {"error": {"message": f"no {method} {path}"}}
     if path == "/generate":
+        if state.released & {"weights", "kv_cache"}:
+            raise BadRequest(f"cannot generate while {', '.join(sorted(state.released))} released: "
+                             f"resume_memory_occupation first")
         single, rows = _rows(body)
         for prompt, sp in rows:
             state.check_length(prompt, sp)
         results = state.generate(rows, bool(body.get("return_logprob")))
+        with state.events_lock:
+            state.generated += 1
         return 200, results[0] if single else results
     if path == "/flush_cache":
         return 200, "Cache flushed.\n"
@@ -337,43 +602,102 @@ def handle(state: State, method: str, path: str, body: dict):
         with m.lock:
             m.weight_version = str(body["new_version"])
         return 200, {"success": True, "new_version": m.weight_version}
-    if state.synthetic and path in ("/init_weights_update_group", "/update_weights_from_distributed",
-                                    "/update_weights_from_tensor"):
-        return 400, {"success": False, "message": f"{path} is not supported in synthetic mode"}
+    if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+        state.memory(path[1:].split("_")[0], body.get("tags"))
+        return 200, None  # SGLang's handler returns nothing: JSON null
     if path == "/update_weights_from_disk":
+        refused = state.push_refused(path, session=False)
         try:
+            if refused:
+                raise BadRequest(refused)
             m.load_dir(body["model_path"], body.get("weight_version"))
         except (BadRequest, OSError, ValueError, KeyError) as e:
             return 400, {"success": False, "message": f"Failed to update weights: {e}", "num_paused_requests": 0}
-        return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+        message = state.pushed("disk", body.get("weight_version"), "Succeeded to update model weights.")
+        return 200, {"success": True, "message": message, "num_paused_requests": 0}
     if path == "/init_weights_update_group":
         name = body.get("group_name", "weight_update_group")
         if name in state.groups:
             return 400, {"success": False, "message": f"group {name!r} already exists"}
-        state.groups[name] = WeightGroup(body)
+        if torch is None:  # synthetic: its ranks join all the same, so the trainer's push goes on
+            import_torch()
+        try:
+            state.groups[name] = WeightGroup(body, state.tp)
+        except (BadRequest, RuntimeError, ValueError) as e:
+            return 400, {"success": False, "message": f"Failed to initialize custom process group: {e}."}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
     if path == "/destroy_weights_update_group":
         group = state.groups.pop(body.get("group_name", "weight_update_group"), None)
-        if group is not None:
-            group.destroy()
-        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
-    if path in ("/begin_weight_update", "/end_weight_update"):
-        state.updating = path == "/begin_weight_update"
-        return 200, {"success": True, "message": ""}
-    if path == "/update_weights_from_distributed":
-        if not state.updating:
-            return 400, {"success": False, "message": "call /begin_weight_update first"}
-        group = state.groups.get(body.get("group_name", "weight_update_group"))
         if group is None:
-            return 400, {"success": False, "message": "no such weight update group"}
-        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
-        received = group.receive(dtypes, shapes)  # before any check: keep in step with rank 0
+            return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+        group.destroy()
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+    if path == "/begin_weight_update":
+        if state.updating:
+            return 400, {"success": False, "message": "a weight-update session is already open; "
+                                                      "call end_weight_update() first"}
+        state.updating = True
+        state.event("begin_weight_update")
+        return 200, {"success": True, "message": "Success"}
+    if path == "/end_weight_update":
+        if not state.updating:
+            return 400, {"success": False, "message": "no weight-update session is open; "
+                                                      "call begin_weight_update() first"}
+        state.updating = False
+        state.event("end_weight_update")
+        return 200, {"success": True, "message": "Success"}
+    if path == "/update_weights_from_distributed":
+        refused = state.push_refused(path)
+        if refused:
+            return 400, {"success": False, "message": refused}
+        name = body.get("group_name", "weight_update_group")
+        group = state.groups.get(name)
         try:
-            m.check(dict(zip(names, shapes)))
+            if group is None:
+                raise BadRequest(f"Group {name} not in {list(state.groups)}. "
+                                 "Please call `init_weights_update_group` first.")
+            received = group.receive(body["names"], body["dtypes"], body["shapes"], body.get("load_format"))
+        except (BadRequest, RuntimeError, ValueError, TypeError) as e:
+            return 400, {"success": False, "message": f"Failed to receive weights: {e}"}
+        if state.exit_after is not None:
+            state.exit_after -= 1
+            if state.exit_after <= 0:  # an engine dying in the middle of a push, before it answers
+                os._exit(3)
+        try:
+            m.load_tensors(received, body.get("weight_version"))
+        except BadRequest as e:
+            return 400, {"success": False, "message": f"Failed to update parameter online: {e}"}
+        message = state.pushed("distributed", body.get("weight_version"), "Succeeded to update parameter online.")
+        return 200, {"success": True, "message": message}
+    if path == "/test_exit_after_buckets":  # not SGLang: a fault for the tests
+        state.exit_after = int(body["n"])
+        return 200, {"success": True}
+    if path == "/bench_receive":  # not SGLang: the raw broadcast a push is measured against
+        group = state.groups[body.get("group_name", "weight_update_group")]
+        group.receive_raw(int(body["numel"]))
+        return 200, {"success": True}
+    if path == "/update_weights_from_tensor":
+        refused = state.push_refused(path)
+        entries = body["serialized_named_tensors"]
+        if not refused and len(entries) != state.tp:
+            refused = f"{len(entries)} serialized_named_tensors for {state.tp} TP ranks: one per rank"
+        if refused:
+            return 400, {"success": False, "message": refused}
+        if torch is None:
+            import_torch()
+        per_rank, errors = [], []
+        for i, entry in enumerate(entries):  # TP rank i reads entry i only, as SGLang's ranks do;
+            try:  # every entry is read: each holds a reference to the trainer's shared memory
+                per_rank.append(tensor_payload(entry, body.get("load_format")))
+            except Exception as e:  # noqa: BLE001 - any malformed payload is the caller's fault
+                errors.append(f"serialized_named_tensors[{i}]: {type(e).__name__}: {e}")
+        if errors:
+            return 400, {"success": False, "message": errors[0]}
+        try:
+            m.load_tensors(same_on_tp_ranks(per_rank), body.get("weight_version"))
         except BadRequest as e:
             return 400, {"success": False, "message": str(e)}
-        m.replace(dict(zip(names, received)), body.get("weight_version"))
-        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+        return 200, {"success": True, "message": state.pushed("tensor", body.get("weight_version"), "Success")}
     return 404, {"error": {"message": f"no POST {path}"}}
 
 
@@ -421,7 +745,8 @@ def main(argv=None):
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1,
+                    help="TP ranks joining a weight-update group (all serve the full weights)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--context-length", type=int, default=None,
                     help="default: the config's max_position_embeddings (synthetic: 32768)")
@@ -430,13 +755,17 @@ def main(argv=None):
     ap.add_argument("--decode-latency-s", type=float, default=0.0,
                     help="seconds per decoded token of a request's longest row")
     ap.add_argument("--base-gpu-id", type=int, default=0, help="accepted and ignored, as on CPU")
+    ap.add_argument("--enable-memory-saver", action="store_true",
+                    help="allow /release_memory_occupation and /resume_memory_occupation")
+    ap.add_argument("--no-weights-by-name", action="store_true",
+                    help="refuse /get_weights_by_name, as SGLang does for Ling (BailingMoeForCausalLM)")
     ap.add_argument("--synthetic-vocab", type=int, default=0, help="> 0: synthetic mode, no model")
     ap.add_argument("--synthetic-median-len", type=float, default=200.0)
     ap.add_argument("--synthetic-len-sigma", type=float, default=0.8)
     ap.add_argument("--synthetic-eos", type=int, default=1)
     args, unknown = ap.parse_known_args(argv)
-    if args.tp != 1:
-        ap.error("the test server serves with --tp 1 only")
+    if args.tp < 1:
+        ap.error("--tp must be at least 1")
     if unknown:
         print(f"ignoring SGLang options {unknown}", file=sys.stderr)
     if args.synthetic_vocab > 0:
@@ -447,7 +776,8 @@ def main(argv=None):
         torch.set_num_threads(1)
         model = Model(args.model_path, args.dtype)
     context = args.context_length or model.config.get("max_position_embeddings") or 32768
-    state = State(model, context, args.decode_latency_s, args.max_running_requests)
+    state = State(model, context, args.decode_latency_s, args.max_running_requests, args.tp,
+                  args.enable_memory_saver, not args.no_weights_by_name)
     server = Server((args.host, args.port), make_handler(state))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     mode = " (synthetic)" if state.synthetic else ""

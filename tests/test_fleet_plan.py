@@ -30,7 +30,9 @@ def test_paper_recipes_run_128_colocated_engines_behind_the_router():
     p = plan()
     assert (p.placement, p.url, p.engine_tp, p.engines, p.engines_per_node, p.hosts) == ("colocated", None, 2, 128, 4, 32)
     assert p.base_gpu_ids == [0, 2, 4, 6] and p.router and p.context_length == 32768
-    assert p.server_args == ["--dtype", "bfloat16", "--mem-fraction-static", "0.85", "--tp", "2", "--context-length", "32768"]
+    assert p.server_args == ["--dtype", "bfloat16", "--mem-fraction-static", "0.85", "--tp", "2", "--context-length", "32768",
+                             "--enable-memory-saver"]  # rollout.offload: the engines release memory while the trainer trains
+    assert (p.weight_sync, p.offload) == ("tensor", True)
     assert p.concurrency == 64 * p.engines  # one request per sample: every engine kept busy with 64 sequences
     assert plan(recipe=RL2).engines == 128
 
@@ -63,7 +65,7 @@ def test_context_length():
     assert plan("rollout.context_length=16384").context_length == 16384
     assert plan("model.max_position_embeddings=20000").context_length == 20000
     assert plan("model.max_position_embeddings=null").context_length == 32768  # the ling-lite preset's
-    assert plan("rollout.context_length=16384").server_args[-2:] == ["--context-length", "16384"]
+    assert plan("rollout.context_length=16384").server_args[-3:-1] == ["--context-length", "16384"]
 
 
 @pytest.mark.parametrize("sets, keys, message", [
@@ -113,9 +115,12 @@ def test_describe(monkeypatch):
     assert lines[0] == ("rollout fleet: 128 SGLang engines (--tp 2, dp 1), colocated on the 32 training nodes (4 per "
                         f"node, --base-gpu-id 0 2 4 6), behind sglang-router {fleet_plan.router_version()} (round_robin); "
                         "the trainer sends every request to the router")
-    assert lines[-1] == "max_new_tokens 24576 clamped per request to min(24576, 32768 - prompt - 1)"
-    assert "the clamp binds" in plan(recipe=RL2).describe()[-1]
+    assert lines[-2] == "max_new_tokens 24576 clamped per request to min(24576, 32768 - prompt - 1)"
+    assert "the clamp binds" in plan(recipe=RL2).describe()[-2]
+    assert lines[-1].startswith("weights after every step (tensor): every training GPU hands its colocated engine "
+                                "rank 512 MB flat buckets (CUDA IPC); 4 tensors read back") and "offload:" in lines[-1]
     text = "\n".join(plan(*DEDICATED).describe())
+    assert "weights after every step (distributed): rank 0 broadcasts" in text and "offload" not in text
     assert "8 SGLang engines (--tp 2, dp 1), on 2 dedicated nodes (4 per node, --base-gpu-id 0 2 4 6, ports 30000-30003)" in text
     assert "on the first of them (port 29000)" in text
     assert "trainer sends every request to it" in plan("rollout.engine_tp=8", "cluster.nodes=1").describe()[0]

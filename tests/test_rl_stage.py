@@ -164,24 +164,110 @@ def test_rl_with_an_sglang_server(pipeline, tmp_path, tiny_hf):
     assert [x["step"] for x in metrics(run_dir) if x["step"] > 0] == [1, 2]
 
 
-def test_rl_with_a_started_fleet(pipeline, tmp_path):
-    """The stage starts its own fleet: two engines (the test server, the trainer's export) behind
-    the real sglang-router, every weight push reaching both; each prompt group is scored as it
-    comes back; rank 1 receives only its own micro-batches. Everything stops with the stage."""
+def engine_events(log) -> list[list[dict]]:
+    """The EVENT lines of a test server's log, per start of the server (a resumed run appends)."""
+    runs = []
+    for line in log.read_text().splitlines():
+        if line.startswith("serving "):
+            runs.append([])
+        elif line.startswith("EVENT ") and runs:
+            runs[-1].append(json.loads(line[len("EVENT "):]))
+    return runs
+
+
+def pushes(events) -> list[str]:
+    """The versions pushed, in order (a push of several buckets is one)."""
+    out = []
+    for e in events:
+        if e["op"] == "weights_updated" and (not out or out[-1] != e["version"]):
+            out.append(e["version"])
+    return out
+
+
+def fleet_args(run_dir, init, *extra):
     from tests.test_sglang_client import TEST_SERVER
 
+    return rl_run(run_dir, init, "rollout.engine=sglang", "rollout.engines=2", "rollout.weight_sync=auto",
+                  "rollout.offload=true", f"rollout.server_command=[{','.join(TEST_SERVER)}]", "rollout.concurrency=8",
+                  *extra)
+
+
+def test_rl_with_a_started_fleet(pipeline, tmp_path):
+    """The stage starts its own fleet, colocated: two engines (the test server, the trainer's
+    export) behind the real sglang-router, each rank handing its engine the weights through shared
+    memory (weight_sync auto -> tensor), verified by reading tensors back; with rollout.offload
+    the engines release KV cache and weights for every update and take the weights back before
+    the push, the KV cache after it, while the trainer's optimizer state and reference model are
+    out during rollouts. Each prompt group is scored as it comes back; rank 1 receives only its
+    own micro-batches. Everything stops with the stage."""
     root, _ = pipeline
     init = next((root / "distill" / "checkpoints").glob("iter_*"))
     run_dir = tmp_path / "fleet"
-    cli(*rl_run(run_dir, init, "rollout.engine=sglang", "rollout.engines=2", "rollout.weight_sync=disk",
-                f"rollout.server_command=[{','.join(TEST_SERVER)}]", "rollout.concurrency=8"))
+    cli(*fleet_args(run_dir, init))
     steps = [r for r in metrics(run_dir) if r["step"] > 0]
     assert [r["tokens_in_loss"] for r in steps] == [2 * PHI] * 2
     assert all(0 < r["logprob_gap"] < 0.05 for r in steps), [r["logprob_gap"] for r in steps]  # both pushed to
     assert all(0.0 <= r["reward_overlap_frac"] <= 1.0 for r in steps)
+    assert all(r["push_verified"] == "by_name" and r["weight_staleness_max"] == 0 for r in steps)
+    assert all(r["offload_bytes"] > 0 and r["push_bytes"] > 0 for r in steps)
     logs = run_dir / "logs"
     engines = sorted(logs.glob("sglang_engine_node0_*.log"))
     assert len(engines) == 2 and (logs / "sglang_router.log").is_file()
-    for log in engines:  # both served generate requests and both reloaded the weights twice
+    for log in engines:
         text = log.read_text()
-        assert "POST /generate" in text and text.count("POST /update_weights_from_disk") == 3
+        assert "POST /generate" in text and "POST /update_weights_from_tensor" in text
+        [events] = engine_events(log)
+        assert pushes(events) == ["0", "1", "2"]  # before the first rollout, then after every step
+        memory = [(e["op"], tuple(e["tags"])) for e in events if e["op"] in ("release", "resume")]
+        assert memory == [("release", ("kv_cache", "weights")), ("resume", ("weights",)), ("resume", ("kv_cache",))] * 2
+        for i, e in enumerate(events):  # no sample while released; each push between the two resumes
+            if e["op"] == "release":
+                back = next(j for j in range(i, len(events)) if events[j]["op"] == "resume" and events[j]["tags"] == ["kv_cache"])
+                assert events[back]["generated"] == e["generated"]
+                assert any(x["op"] == "weights_updated" for x in events[i:back])
+
+
+def test_killed_fleet_run_pushes_the_checkpoint_first(pipeline, tmp_path):
+    """SIGKILL of a colocated-fleet run takes its engines down with it (they die with the process
+    that started them); the resumed run's new engines get the checkpoint's weights, tagged with
+    its step, before they sample anything."""
+    import os
+
+    root, _ = pipeline
+    init = next((root / "distill" / "checkpoints").glob("iter_*"))
+    run_dir = tmp_path / "killed_fleet"
+    args = fleet_args(run_dir, init, "train.steps=3", "train.save_every_steps=1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ring.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and any(r["step"] == 2 for r in metrics(run_dir)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def engines_alive():
+        mine = str(run_dir / "rollout_weights").encode()
+        return [p for p in os.listdir("/proc") if p.isdigit() and mine in _cmdline(p)]
+
+    deadline = time.time() + 60
+    while engines_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not engines_alive()
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[-1])
+    cli(*args)
+    for log in sorted((run_dir / "logs").glob("sglang_engine_node0_*.log")):
+        events = engine_events(log)[-1]  # the resumed run's engine
+        first = next(e for e in events if e["op"] == "weights_updated")
+        assert first["version"] == str(saved) and first["generated"] == 0
+        assert pushes(events) == [str(s) for s in range(saved, 4)]
+    assert [r["step"] for r in metrics(run_dir) if r["step"] > 0][-1] == 3
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

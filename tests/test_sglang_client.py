@@ -22,7 +22,8 @@ from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient, parse_generate, sampling_seed
 from megatron_ring.rollout.sglang_engine import SGLangEngine
 from megatron_ring.rollout.sglang_server import launch
-from megatron_ring.rollout.weight_sync import WeightBroadcaster, buckets, push_from_disk
+from megatron_ring.rollout.weight_buckets import Bucket
+from megatron_ring.rollout.weight_sync import WeightGroup, push_from_disk
 from tests.conftest import write_random_hf
 from tests.hf_reference import hf_forward
 
@@ -114,21 +115,33 @@ def test_push_weights_from_disk(served, tiny_arch, tmp_path):
     assert after
 
 
+def flat_buckets(named, bucket_bytes: int) -> list[Bucket]:
+    """bf16 buckets of about bucket_bytes, in order."""
+    out, current = [], []
+    for name, t in named:
+        current.append((name, t.bfloat16()))
+        if sum(x.numel() * 2 for _, x in current) >= bucket_bytes:
+            out.append(Bucket.of(current))
+            current = []
+    return out + ([Bucket.of(current)] if current else [])
+
+
 def test_push_weights_by_broadcast_in_buckets(served, tiny_arch, tmp_path):
     client = served["client"]
     config, sd = read_hf(write_random_hf(tmp_path / "step6", tiny_arch, seed=3))
     named = sorted(sd.items())
-    assert len(list(buckets(named, 200_000))) > 3  # several HTTP calls, several broadcasts each
-    sender = WeightBroadcaster(client, "127.0.0.1", free_port(), backend="gloo",
-                               dtype=torch.bfloat16, bucket_bytes=200_000, timeout_s=60)
+    assert len(flat_buckets(named, 200_000)) > 3  # several HTTP calls, one broadcast each
+    sender = WeightGroup([(client.url, 1)], "127.0.0.1", backend="gloo", timeout_s=60)
     try:
-        sender.push(named, version=6)
+        sent = sender.push(flat_buckets(named, 200_000), version=6)
+        assert sent["bytes"] == sum(v.numel() * 2 for v in sd.values())
         served["weights"] = (config, {k: v.bfloat16().float() for k, v in sd.items()})
         assert client.model_info()["weight_version"] == "6"
         assert_served(client, served["weights"])
         # The group stays up: a second push reuses it.
         doubled = [(k, v * 2 if k.endswith("lm_head.weight") else v) for k, v in named]
-        sender.push(doubled, version=7)
+        sender.push(flat_buckets(doubled, 200_000), version=7)
+        assert sender.generation == 1
         served["weights"] = (config, {k: v.bfloat16().float() for k, v in doubled})
         assert_served(client, served["weights"])
     finally:
@@ -143,16 +156,17 @@ def test_refused_group_join_fails_fast(served):
     import time
 
     client = served["client"]
-    first = WeightBroadcaster(client, "127.0.0.1", free_port(), timeout_s=60)
+    first = WeightGroup([(client.url, 1)], "127.0.0.1", timeout_s=60)
     first.connect()
     try:
-        second = WeightBroadcaster(client, "127.0.0.1", free_port(), timeout_s=20)
+        second = WeightGroup([(client.url, 1)], "127.0.0.1", timeout_s=20)
         start = time.monotonic()
         with pytest.raises(RolloutError, match="init_weights_update_group refused: HTTP 400.*already exists"):
             second.connect()  # the server answers at once; rank 0 must not wait out its rendezvous
         assert time.monotonic() - start < 10
     finally:
         first.close()
+
 
 def test_bad_disk_path_is_refused_and_server_survives(served, tmp_path):
     client = served["client"]
@@ -386,7 +400,7 @@ def _engine_worker(url, disk_hf, bcast_hf, out):
     recipe = RLRecipe(rollout=RolloutSection(engine="sglang", url=url, weight_sync="distributed", ready_timeout_s=30.0),
                       rl=RLSection(kl_beta=0.0))
     engine = SGLangEngine.from_recipe(recipe, model, SimpleNamespace(eos_id=arch.eos_token_id), out)
-    assert engine.weight_mode == "distributed" and (engine.broadcaster is not None) == (rank == 0)
+    assert engine.weight_mode == "distributed" and (engine.sync is not None) == (rank == 0)
     load_hf(model, HFReader(bcast_hf))
     engine.push_weights(model, version=9)
     result["distributed"] = samples(engine)

@@ -35,15 +35,34 @@ def _rows(pairs: list[Pair], multiple: int):
     return ids, targets, mask
 
 
-def _entropy_sums(m, pairs: list[Pair], temperature: float) -> list[tuple[float, int]]:
-    """One forward of a micro-batch: per pair, (sum of its response tokens' entropies, their count)."""
+def _forward(m, pairs: list[Pair], temperature: float):
+    """One forward of a micro-batch: per position, the logprob of the next token and the entropy
+    (each [b, s]), and the mask of response positions."""
     ids, targets, mask = (t.to(device()) for t in _rows(pairs, ps.get_tensor_model_parallel_world_size()))
     b, s = ids.shape
     hidden = hidden_tokens(m, ids, torch.arange(s, device=ids.device).expand(b, s), None)
-    _, entropy = logprob_entropy(hidden, m.output_weight(), flat(targets), temperature=temperature,
-                                 loss_mask=flat(mask), **head_args(m))
-    sums = (entropy.view(s, b).transpose(0, 1) * mask).sum(1).tolist()
+    logprob, entropy = logprob_entropy(hidden, m.output_weight(), flat(targets), temperature=temperature,
+                                       loss_mask=flat(mask), **head_args(m))
+    return logprob.view(s, b).transpose(0, 1), entropy.view(s, b).transpose(0, 1), mask
+
+
+def _entropy_sums(m, pairs: list[Pair], temperature: float) -> list[tuple[float, int]]:
+    """Per pair of a micro-batch: (sum of its response tokens' entropies, their count)."""
+    _, entropy, mask = _forward(m, pairs, temperature)
+    sums = (entropy * mask).sum(1).tolist()
     return [(sums[i], len(r)) for i, (_, r) in enumerate(pairs)]
+
+
+@torch.no_grad()
+def response_logprobs(model, pairs: list[Pair]) -> list[list[float]]:
+    """Collective, the same few pairs on every rank, one forward: the model's logprob of each
+    response token under softmax(logits) (what an engine reports for greedy samples)."""
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    logprob, _, _ = _forward(m, pairs, 1.0)
+    m.train(was_training)
+    return [logprob[i, len(p) - 1:len(p) - 1 + len(r)].tolist() for i, (p, r) in enumerate(pairs)]
 
 
 @torch.no_grad()

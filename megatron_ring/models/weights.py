@@ -46,17 +46,25 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
-def gather_full(model, value: Callable[[str, torch.nn.Parameter], torch.Tensor] = lambda n, p: p.data
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def gather_full(model, value: Callable[[str, torch.nn.Parameter], torch.Tensor] = lambda n, p: p.data,
+                first_replica: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (full Megatron name, unsharded tensor) for every parameter; collective on all ranks.
 
     `value` picks what to gather (the weights by default; gradients for the equivalence tests).
+    first_replica: only the ranks holding data-parallel replica 0 gather (dense parameters on
+    data-parallel rank 0, experts on expert-data-parallel rank 0; a TP or EP group shares its
+    replica index, so each collective is whole): a single sender (global rank 0) gets every
+    tensor, and the other replicas do no redundant gathering. Ranks yield only what they gathered.
     """
     tp_rank, tp, ep_rank, ep = _ranks()
     local_experts = model.arch.num_experts // ep
+    dense = not first_replica or ps.get_data_parallel_rank() == 0
+    experts = not first_replica or ps.get_expert_data_parallel_rank() == 0
     for name, param in model.named_parameters():
-        t = value(name, param).detach()
         sharding = conv.sharding_of(name)
+        if not (experts if sharding.expert else dense):
+            continue
+        t = value(name, param).detach()
         if sharding.expert:
             pieces = _all_gather(t, ps.get_expert_model_parallel_group()) if ep > 1 else [t]
             for r, piece in enumerate(pieces):

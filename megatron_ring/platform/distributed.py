@@ -127,6 +127,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def everyone(obj) -> list:
+    """Collective: every rank's (picklable) obj, in rank order, on every rank (control group)."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL)
+    return out
+
+
 def control_group():
     """The gloo group of control messages (None in a lone process: the default group)."""
     return _CONTROL

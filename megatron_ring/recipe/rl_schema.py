@@ -30,7 +30,17 @@ class RolloutSection:
     record: bool = False  # write every rollout round to RUN_DIR/rollouts/ (token ids, text, reward)
     server_args: list[str] = field(default_factory=list)  # extra sglang.launch_server arguments
     server_command: list[str] = field(default_factory=list)  # how an engine is started; empty: python -m sglang.launch_server
-    weight_sync: Literal["disk", "distributed"] = "disk"  # distributed: NCCL broadcast (gloo on CPU)
+    # How new weights reach the engines after every step. disk: an HF export every engine reloads;
+    # distributed: rank 0 broadcasts flat buckets to every engine over one NCCL group (gloo on CPU);
+    # tensor: colocated only, every training GPU hands its engine its buckets (CUDA IPC);
+    # auto: tensor for a colocated fleet the trainer starts, distributed for any other.
+    weight_sync: Literal["auto", "disk", "distributed", "tensor"] = "auto"
+    weight_bucket_mb: int = 512  # the flat buckets a push sends (one broadcast / IPC handle each)
+    verify_tensors: int = 4  # tensors read back from every engine after each push (0: no check)
+    # A colocated fleet (ignored for dedicated or given engines): the engines free KV cache and
+    # weights while the trainer trains (--enable-memory-saver), and the trainer moves gradient
+    # buffers, optimizer state and the reference model off the GPU while the engines roll out.
+    offload: bool = False
     ready_timeout_s: float = 1800.0  # how long a server may take to load its model and answer /health
     # The engine fleet (sglang, no url): `engines` SGLang servers of `--tp engine_tp` each (dp 1),
     # behind sglang-router when more than one. 0: one engine per engine_tp GPUs of every node that
@@ -57,8 +67,9 @@ class RolloutSection:
         check_positive(prompts_per_step=self.prompts_per_step, samples_per_prompt=self.samples_per_prompt,
                        max_new_tokens=self.max_new_tokens, temperature=self.temperature, max_rounds=self.max_rounds,
                        engine_tp=self.engine_tp, concurrency=self.concurrency, request_timeout_s=self.request_timeout_s,
-                       request_attempts=self.request_attempts, control_timeout_s=self.control_timeout_s)
-        for key in ("engines", "context_length"):
+                       request_attempts=self.request_attempts, control_timeout_s=self.control_timeout_s,
+                       weight_bucket_mb=self.weight_bucket_mb)
+        for key in ("engines", "context_length", "verify_tensors"):
             if getattr(self, key) < 0:
                 raise FieldError(f"must be >= 0 (0: automatic), got {getattr(self, key)}", key)
 
@@ -164,6 +175,27 @@ class RLRecipe:
                              "rollout.replay_dir", "rollout.engine")
         if self.cluster.sglang == "dedicated" and self.rollout.engine != "sglang":
             raise FieldError("dedicated SGLang nodes need rollout.engine=sglang", "cluster.sglang", "rollout.engine")
+        if self.rollout.weight_sync == "tensor" and not self.colocated:
+            raise FieldError("weight_sync=tensor hands each engine the weights on its own GPUs: it needs "
+                             "rollout.engine=sglang, engines the trainer starts (no rollout.url) and "
+                             "cluster.sglang colocated; use weight_sync=distributed (or auto)",
+                             "rollout.weight_sync", "rollout.url", "cluster.sglang")
+
+    @property
+    def colocated(self) -> bool:
+        """SGLang engines the trainer starts on its own GPUs."""
+        return self.rollout.engine == "sglang" and not self.rollout.url and self.cluster.sglang != "dedicated"
+
+    @property
+    def weight_sync(self) -> str:
+        """rollout.weight_sync with auto resolved."""
+        if self.rollout.weight_sync != "auto":
+            return self.rollout.weight_sync
+        return "tensor" if self.colocated else "distributed"
+
+    @property
+    def offload(self) -> bool:
+        return self.rollout.offload and self.colocated
 
     def check_batch(self, layout) -> None:
         """Nothing to split: the token budget (c3po) or the step's responses set the batch, and

@@ -50,15 +50,18 @@ def _loop(recipe, session, actor, rollouts, evaluator, start: int) -> dict:
         log.log({"step": 0, **evaluator.run(session.model, rollouts.engine)}, show=("eval_accuracy",))
 
     def save(step):
-        session.save(step, {"rl": {"step": step, **rollouts.state_dict()}})
+        with rollouts.trainer_state():
+            session.save(step, {"rl": {"step": step, **rollouts.state_dict()}})
 
     record: dict = {}
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
         data = rollouts.next_step(version=step - 1)
+        swap = rollouts.to_training()  # colocated: the engines make room, the trainer's state returns
         out = actor.update(data.batches, data.divisor)
-        rollouts.push_weights(session.model, step)
-        record = step_record(recipe, step, data, out, rollouts, session, time.perf_counter() - t0)
+        push = rollouts.push_weights(session.model, step)
+        record = step_record(recipe, step, data, {**out, **swap, **push}, rollouts, session,
+                             time.perf_counter() - t0)
         if evaluator.due(step, steps):
             record.update(evaluator.run(session.model, rollouts.engine))
         log.log(record, show=("reward_mean", "tokens_in_loss"))
@@ -75,6 +78,8 @@ def step_record(recipe, step: int, data: StepData, out: dict, rollouts, session,
     rec = {"step": step, "loss_mode": recipe.rl.loss_mode}
     fresh = data.responses
     if fresh:
+        # Steps between the weights that sampled a response and the weights it trains (0: on-policy).
+        rec["weight_staleness_max"] = step - 1 - min(x.version for x in fresh)
         rec["reward_mean"] = sum(x.reward for x in fresh) / len(fresh)
         rec["response_len_mean"] = sum(len(x.tokens) for x in fresh) / len(fresh)
         rec["truncated_frac"] = sum(x.finish_reason == "length" for x in fresh) / len(fresh)

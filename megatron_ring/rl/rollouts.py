@@ -14,6 +14,7 @@ sampler is the trainer's own model, has every rank generate."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,22 @@ from megatron_ring.rl.token_budget import fill_buckets, tokens_of
 from megatron_ring.rollout.factory import make_engine
 from megatron_ring.rollout.replay import record_round
 from megatron_ring.rollout.streamed_rewards import generate_scored, handed_over
+from megatron_ring.train.offload import TrainerOffload
 
 
 def code_settings(recipe, run_dir: Path) -> CodeRewardSettings:
     """How the stage scores code (rollouts and held-out evaluation alike): the run directory
     hidden from the sandbox, the recipe's float tolerance."""
     return CodeRewardSettings(hide=(str(Path(run_dir).resolve()),), float_tolerance=recipe.reward.float_tolerance)
+
+
+def sampled_by(c, pushed: int) -> int:
+    """The step whose weights sampled c: what the engine reported (SGLang's weight_version, set by
+    every push), else the last push's."""
+    try:
+        return int(c.weight_version)
+    except (TypeError, ValueError):
+        return pushed
 
 
 @dataclass
@@ -72,6 +83,10 @@ class Rollouts:
         rw = recipe.reward  # the pool scores on rank 0 only
         self.pool = RewardPool(rw.pool_size(recipe.cluster.gpus_per_node), rw.timeout_s,
                                code_settings(recipe, self.run_dir)) if distributed.is_rank0() else None
+        self.offload = None
+        if recipe.offload:  # before the engines start: they size their KV cache by the free memory
+            self.offload = TrainerOffload(session.ddp, session.optimizer, session.reference)
+            self.offload.offload()
         try:  # the pool first: it fails fast (no sandbox), before a server is started
             self.engine = make_engine(recipe, session.model, self.tokenizer, self.run_dir)
         except BaseException:
@@ -84,8 +99,30 @@ class Rollouts:
         (rank 0's: it writes the trainer state)."""
         return {"prompt_cursor": self.cursor, "pending": [s.to_json() for s in self.pending]}
 
-    def push_weights(self, model, version: int) -> None:
-        self.engine.push_weights(model, version)
+    def push_weights(self, model, version: int) -> dict:
+        """Collective: the engines serve the model's weights of step `version` (colocated with
+        rollout.offload: the trainer's training-only state leaves the GPU first). Returns the
+        push's figures for the step record."""
+        figures = self.offload.offload() if self.offload is not None else {}
+        return {**figures, **(self.engine.push_weights(model, version) or {})}
+
+    def to_training(self) -> dict:
+        """Collective, after a step's rollouts: the engines free their GPU memory and the
+        trainer's state comes back (rollout.offload; nothing otherwise)."""
+        self.engine.release_memory()
+        return self.offload.reload() if self.offload is not None else {}
+
+    @contextlib.contextmanager
+    def trainer_state(self):
+        """The trainer's whole state on the GPU for a while (a checkpoint save), then offloaded again."""
+        back = self.offload is not None and self.offload.offloaded
+        if back:
+            self.offload.reload()
+        try:
+            yield
+        finally:
+            if back:
+                self.offload.offload()
 
     def close(self) -> None:
         """A server this stage started must not outlive it, even on an error."""
@@ -159,7 +196,7 @@ class Rollouts:
                     continue  # nothing to learn from (the prompt filled the context)
                 res = next(results)
                 responses.append(Response(key * k + s, key, rows[i].domain, prompts[i], c.tokens, c.logprobs,
-                                          c.finish_reason, reward=res.reward, version=version))
+                                          c.finish_reason, reward=res.reward, version=sampled_by(c, version)))
                 stats["reward_timeouts"] += res.timed_out
         if self.recipe.rollout.record:
             rewards = {(r.group, r.uid - r.group * k): r.reward for r in responses}

@@ -22,6 +22,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # the sampler's logprob of each token
     finish_reason: str = "length"  # "stop" (end-of-sequence token), "length", or "abort"
+    weight_version: str | None = None  # the engine's weight version that sampled it (SGLang's meta_info)
 
 
 class RolloutEngine:
@@ -38,9 +39,14 @@ class RolloutEngine:
         (possibly from another thread), so rewards can start before the last group is back."""
         raise NotImplementedError
 
-    def push_weights(self, model, version: int) -> None:
-        """Serve the model's current weights from now on (version: the optimizer step)."""
+    def push_weights(self, model, version: int) -> dict | None:
+        """Serve the model's current weights from now on (version: the optimizer step); may
+        return figures of the push for the step record."""
         raise NotImplementedError
+
+    def release_memory(self) -> None:
+        """Collective: free the engine's GPU memory while the trainer trains (a colocated fleet
+        with the memory saver); the next push_weights takes it back."""
 
     def health(self) -> bool:
         raise NotImplementedError

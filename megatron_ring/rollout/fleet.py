@@ -80,10 +80,7 @@ class Fleet:
                 outcome = ("ok", [s.url for s in servers])
             except Exception as e:  # every rank must hear of it (they meet in the gather below)
                 outcome = ("error", str(e) if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}")
-        everyone = [outcome]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, outcome, group=distributed.control_group())
+        everyone = distributed.everyone(outcome)
         errors = [msg for kind, msg in everyone if kind == "error"]
         urls = [u for kind, msg in everyone if kind == "ok" for u in msg]
         fleet = cls(urls[0] if urls else "", urls, servers)

@@ -68,6 +68,10 @@ class FleetPlan:
     ready_timeout_s: float = 0.0
     control_timeout_s: float = 0.0
     ports: list[int] = field(default_factory=list)  # the engines' ports on one node
+    weight_sync: str = "disk"
+    weight_bucket_mb: int = 512
+    verify_tensors: int = 0
+    offload: bool = False
 
     @classmethod
     def of(cls, recipe) -> "FleetPlan | None":
@@ -81,7 +85,8 @@ class FleetPlan:
         common = dict(max_new_tokens=ro.max_new_tokens, samples_per_prompt=ro.samples_per_prompt,
                       concurrency=ro.concurrency, request_timeout_s=ro.request_timeout_s,
                       request_attempts=ro.request_attempts, ready_timeout_s=ro.ready_timeout_s,
-                      control_timeout_s=ro.control_timeout_s)
+                      control_timeout_s=ro.control_timeout_s, weight_sync=recipe.weight_sync,
+                      weight_bucket_mb=ro.weight_bucket_mb, verify_tensors=ro.verify_tensors, offload=recipe.offload)
         if ro.url:
             return cls(url=ro.url, placement="given", engine_tp=ro.engine_tp, engines=ro.engines,
                        engines_per_node=0, hosts=0, base_gpu_ids=[], router=False, context_length=context,
@@ -104,6 +109,8 @@ class FleetPlan:
                              "rollout.engines", "rollout.engine_tp", nodes_key)
         hosts = -(-engines // per_node)
         args = [*map(str, ro.server_args), "--tp", str(ro.engine_tp), "--context-length", str(context)]
+        if recipe.offload and "--enable-memory-saver" not in args:  # release/resume_memory_occupation need it
+            args.append("--enable-memory-saver")
         return cls(url=None, placement=placement, engine_tp=ro.engine_tp, engines=engines, engines_per_node=per_node,
                    hosts=hosts, base_gpu_ids=[j * ro.engine_tp for j in range(per_node)],
                    router=engines > 1 or placement == "dedicated", context_length=context, server_args=args,
@@ -158,7 +165,21 @@ class FleetPlan:
             clamp += (f": the clamp binds (max_new_tokens >= context_length {self.context_length}): every request "
                       f"asks for {self.context_length} - prompt - 1 tokens, and a prompt that leaves no room is "
                       "skipped and counted")
-        return lines + [clamp]
+        return lines + [clamp, self._describe_weights()]
+
+    def _describe_weights(self) -> str:
+        how = {"disk": "every engine reloads an HF export from RUN_DIR/rollout_weights",
+               "distributed": f"rank 0 broadcasts {self.weight_bucket_mb} MB flat buckets to every engine's TP ranks "
+                              "over one NCCL group",
+               "tensor": f"every training GPU hands its colocated engine rank {self.weight_bucket_mb} MB flat buckets "
+                         "(CUDA IPC)"}[self.weight_sync]
+        check = (f"{self.verify_tensors} tensors read back from every engine (a logprob probe where the model "
+                 "class cannot answer by name)") if self.verify_tensors else "not verified (rollout.verify_tensors 0)"
+        line = f"weights after every step ({self.weight_sync}): {how}; {check}"
+        if self.offload:
+            line += ("; offload: the trainer's gradient buffers, optimizer state and reference model leave the GPU "
+                     "while the engines roll out, and the engines release KV cache and weights while it trains")
+        return line
 
 
 def _check_server_args(server_args) -> None:

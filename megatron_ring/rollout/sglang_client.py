@@ -148,14 +148,14 @@ class SGLangClient:
         return _check_success(answer, f"{self.url}/init_weights_update_group")
 
     def begin_weight_update(self) -> None:
-        self.post("/begin_weight_update")
+        self.post("/begin_weight_update", retry=False)
 
     def end_weight_update(self) -> None:
-        self.post("/end_weight_update")
+        self.post("/end_weight_update", retry=False)
 
     @contextlib.contextmanager
     def weight_update(self):
-        """begin/end around /update_weights_from_distributed calls (required since 0.5.23)."""
+        """begin/end around /update_weights_from_distributed and _from_tensor (required since 0.5.23)."""
         self.begin_weight_update()
         try:
             yield
@@ -164,18 +164,43 @@ class SGLangClient:
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str],
                                         shapes: list[list[int]], group_name: str = "weight_update_group",
-                                        version: int | str | None = None, flush_cache: bool = True) -> dict:
-        """Blocks until the trainer has broadcast these tensors, in this order; not retried
-        (a repeated call would wait for broadcasts that never come)."""
+                                        version: int | str | None = None, flush_cache: bool = True,
+                                        load_format: str | None = None) -> dict:
+        """Blocks until the trainer has broadcast these tensors, in this order (load_format
+        "flattened_bucket": as one flat uint8 tensor); not retried (a repeated call would wait
+        for broadcasts that never come)."""
         body = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
                 "group_name": group_name, "flush_cache": flush_cache}
         if version is not None:
             body["weight_version"] = str(version)
+        if load_format is not None:
+            body["load_format"] = load_format
         answer = self.post("/update_weights_from_distributed", body, retry=False)
         return _check_success(answer, f"{self.url}/update_weights_from_distributed")
 
+    def update_weights_from_tensor(self, serialized: list[str], version: int | str,
+                                   load_format: str | None = "flattened_bucket", flush_cache: bool = True) -> dict:
+        """One payload per TP rank of the engine (each rank opens its own: CUDA IPC handles, or
+        shared-memory file names on the CPU); not retried."""
+        body = {"serialized_named_tensors": list(serialized), "load_format": load_format,
+                "flush_cache": flush_cache, "weight_version": str(version)}
+        answer = self.post("/update_weights_from_tensor", body, retry=False)
+        return _check_success(answer, f"{self.url}/update_weights_from_tensor")
+
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
-        self.post("/destroy_weights_update_group", {"group_name": group_name}, retry=False)
+        self.post("/destroy_weights_update_group", {"group_name": group_name}, retry=False, timeout_s=30.0)
+
+    def get_weights_by_name(self, name: str, truncate_size: int) -> list:
+        """The served tensor's first truncate_size rows as floats (RolloutError where the model
+        class has no get_weights_by_name: SGLang's BailingMoe answers 400)."""
+        return self.post("/get_weights_by_name", {"name": name, "truncate_size": int(truncate_size)}, retry=False)
+
+    def release_memory(self, tags: list[str]) -> None:
+        """Free the engine's GPU memory of these kinds (kv_cache, weights); needs --enable-memory-saver."""
+        self.post("/release_memory_occupation", {"tags": list(tags)}, retry=False)
+
+    def resume_memory(self, tags: list[str]) -> None:
+        self.post("/resume_memory_occupation", {"tags": list(tags)}, retry=False)
 
 
 def sampling_dict(params: SamplingParams, max_new_tokens: int, stop_token_ids: list[int] | None,
@@ -255,4 +280,6 @@ def _parse_one(item, where: str) -> Completion:
         if t != tok:
             raise RolloutError(f"{where}: field {path}[1] is token {t!r} but output_ids[{k}] is {tok}")
         logprobs.append(float(lp))
-    return Completion(tokens=list(ids), logprobs=logprobs, finish_reason=kind)
+    version = meta.get("weight_version")
+    return Completion(tokens=list(ids), logprobs=logprobs, finish_reason=kind,
+                      weight_version=None if version is None else str(version))

@@ -1,7 +1,8 @@
 """Start and stop an SGLang server process for the trainer.
 
 The server runs in its own session (process group) with its output in a log file, so a crash
-is reported with the log's tail and stopping it also ends the workers it spawned. The command is
+is reported with the log's tail and stopping it also ends the workers it spawned; it gets
+SIGTERM when the process that started it dies, even of SIGKILL (platform/parent_death.py). The command is
 a parameter: tests start their small stand-in server exactly the way the real one is started.
 """
 
@@ -11,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from megatron_ring.platform import parent_death
 from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient
 
@@ -30,6 +33,12 @@ def server_argv(model_path, host: str, port: int, tp: int = 1, dtype: str | None
     return argv + [str(a) for a in extra_args]
 
 
+def _tied():
+    """SIGTERM to the server when this process dies; the kernel ties a child to the thread that
+    started it, so only a server started by the main thread is tied (others stop with stop())."""
+    return parent_death.preexec(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+
+
 class SGLangServer:
     """A server process started by us: `url`, `log_path`, `stop()`."""
 
@@ -40,7 +49,7 @@ class SGLangServer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=None if env is None else {**os.environ, **env},
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_tied())
 
     def alive(self) -> bool:
         return self.proc.poll() is None
