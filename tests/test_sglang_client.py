@@ -159,11 +159,12 @@ def test_refused_group_join_fails_fast(served):
     first = WeightGroup([(client.url, 1)], "127.0.0.1", timeout_s=60)
     first.connect()
     try:
-        second = WeightGroup([(client.url, 1)], "127.0.0.1", timeout_s=20)
+        second = WeightGroup([(client.url, 1)], "127.0.0.1", timeout_s=5)
         start = time.monotonic()
         with pytest.raises(RolloutError, match="init_weights_update_group refused: HTTP 400.*already exists"):
             second.connect()  # the server answers at once; rank 0 must not wait out its rendezvous
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 4
+        time.sleep(6)  # rank 0's side of the refused group gives up now, not while the process exits
     finally:
         first.close()
 

@@ -67,6 +67,15 @@ def test_colocated_push_through_shared_memory(weights, tiny_hf, tmp_path):
     assert all(e.get("kind", "tensor") == "tensor" for e in r["events"] if e["op"] == "weights_updated")
 
 
+def test_logprob_probe_where_the_engine_cannot_answer_by_name(weights, tiny_hf, tmp_path):
+    path, _ = weights
+    run_workers("weight_push", 2, "probe", tiny_hf, path, tmp_path, timeout=600)
+    r = read_json(tmp_path / "result.json")
+    assert r["probe"]["push_verified"] == "probe"
+    for rank in (0, 1):  # other weights served: every rank hears it, with the gap in nats
+        assert "greedy logprobs differ from the trainer's by" in r[f"probe_error_rank{rank}"]
+
+
 def test_bucket_layout_is_sglangs():
     """Tensors back to back in one uint8 tensor, offsets a multiple of each dtype's size, views
     that give the tensors back; the metadata has FlattenedTensorMetadata's fields."""

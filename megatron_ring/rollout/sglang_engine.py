@@ -6,6 +6,7 @@ rank, so a failed push ends the step on all of them before the last checkpoint i
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -27,7 +28,7 @@ from megatron_ring.rollout.fleet_plan import FleetPlan
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
 from megatron_ring.rollout.tensor_push import TensorPush
-from megatron_ring.rollout.weight_buckets import hf_buckets, sample_names
+from megatron_ring.rollout.weight_buckets import KEEP_ROWS, Staging, hf_buckets, sample_names
 from megatron_ring.rollout.weight_sync import WeightGroup, push_from_disk
 
 MEMORY_TAGS = ("kv_cache", "weights")  # what a colocated engine frees while the trainer trains
@@ -82,6 +83,7 @@ class SGLangEngine(RolloutEngine):
         self.verify_tensors, self.memory_saver = verify_tensors, memory_saver
         self.released: list[str] = []
         self.last_push: dict = {}
+        self.staging = Staging()  # the push's two bucket buffers, kept from push to push
         options = {"attempts": client.attempts, "backoff_s": client.backoff_s, "backoff_max_s": client.backoff_max_s,
                    **(requests or {})}
         self.requests = FleetClient(self.fleet.url, stop_token_ids=stop_token_ids, on_failure=self.fleet.prune,
@@ -171,15 +173,19 @@ class SGLangEngine(RolloutEngine):
         if self.weight_mode == "disk":
             sent = self._push_disk(model, version, kept)
         elif self.weight_mode == "tensor":
-            sent = self.sync.push(hf_buckets(model, self.bucket_bytes, self.export_dtype, every_rank=True, keep=kept),
-                                  version)
+            sent = self.sync.push(hf_buckets(model, self.bucket_bytes, self.export_dtype, every_rank=True, keep=kept,
+                                             staging=self.staging), version)
         else:
             sent = self._push_distributed(model, version, kept)
         pushed = time.perf_counter()
         kept = {n: t for n, t in (kept or {}).items() if t is not None}
         verified = weight_check.verify(model, self.fleet.engines, kept, version) if names else "off"
+        if self.memory_saver and torch.cuda.is_available():
+            self.staging = Staging()  # its GPU memory goes to the engines' KV cache for the rollout
+            torch.cuda.empty_cache()
         self._resume(["kv_cache"])
         self.last_push = {"push_s": round(pushed - t0, 4), "push_bytes": sent.get("bytes", 0),
+                          "push_buckets": sent.get("buckets"),
                           "verify_s": round(time.perf_counter() - pushed, 4), "push_verified": verified}
         return self.last_push
 
@@ -189,13 +195,14 @@ class SGLangEngine(RolloutEngine):
         export_hf(model, self.weights_dir, self.export_dtype)  # collective, ends with a barrier
         if kept:
             reader = HFReader(self.weights_dir)
-            kept.update({n: reader.read(n).float() for n in kept})
+            kept.update({n: reader.read(n)[:KEEP_ROWS].float() for n in kept})
         rank0_then_broadcast(lambda: self.fleet.each(lambda c: push_from_disk(c, self.weights_dir, version)),
                              RolloutError)
-        return {"bytes": sum(f.stat().st_size for f in self.weights_dir.glob("*.safetensors")) if is_rank0() else 0}
+        shapes = conv.expected_hf_shapes(model.arch).values()
+        return {"bytes": sum(math.prod(s) for s in shapes) * self.export_dtype.itemsize}
 
     def _push_distributed(self, model, version: int, kept: dict | None) -> dict:
-        buckets = hf_buckets(model, self.bucket_bytes, self.export_dtype, keep=kept)  # collective: walked to the end
+        buckets = hf_buckets(model, self.bucket_bytes, self.export_dtype, keep=kept, staging=self.staging)  # collective
 
         def send():
             try:

@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+KEEP_ROWS = 4  # rows of a tensor read back to verify a push (SGLang's get_weights_by_name truncate_size)
+
 
 @dataclass
 class Bucket:
@@ -25,8 +27,10 @@ class Bucket:
     flat: torch.Tensor  # uint8: every tensor's bytes, back to back
 
     @classmethod
-    def of(cls, named: list[tuple[str, torch.Tensor]]) -> "Bucket":
-        flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in named])
+    def of(cls, named: list[tuple[str, torch.Tensor]], staging: "Staging | None" = None) -> "Bucket":
+        parts = [t.contiguous().view(-1).view(torch.uint8) for _, t in named]
+        size = sum(p.numel() for p in parts)
+        flat = torch.cat(parts, out=staging.take(size, parts[0].device)) if staging else torch.cat(parts)
         return cls([n for n, _ in named], [t.dtype for _, t in named], [list(t.shape) for _, t in named], flat)
 
     @property
@@ -56,15 +60,34 @@ class Bucket:
         return [str(d).removeprefix("torch.") for d in self.dtypes]
 
 
+class Staging:
+    """Two flat buffers, used in turn bucket after bucket and push after push: one is filled while
+    the other is in flight, and filling fresh memory costs its page faults every time (measured:
+    they were most of the trainer's side of a push on the CPU). A bucket's tensor is valid until
+    the bucket after next is made."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.turn = 0
+
+    def take(self, nbytes: int, device) -> torch.Tensor:
+        self.turn ^= 1
+        buf = self.buffers[self.turn]
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            buf = self.buffers[self.turn] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf[:nbytes]
+
+
 def hf_buckets(model, bucket_bytes: int, dtype: torch.dtype = torch.bfloat16, every_rank: bool = False,
-               keep: dict[str, torch.Tensor] | None = None) -> Iterator[Bucket]:
+               keep: dict[str, torch.Tensor] | None = None, staging: Staging | None = None) -> Iterator[Bucket]:
     """Buckets of the whole model in HF names (collective: every rank must walk it to the end).
 
     every_rank=False: only data-parallel replica 0 gathers (weights.gather_full(first_replica))
     and only global rank 0 gets buckets (the sender of a distributed push); the other ranks
     yield nothing. every_rank=True: every rank gets every bucket (each hands its own GPU's copy
-    to its colocated engine). keep: names -> filled with a float32 copy of each such tensor as
-    sent (what a push is verified against)."""
+    to its colocated engine). keep: names -> filled with a float32 copy of the first KEEP_ROWS
+    rows of each such tensor as sent (what a push is verified against). staging: the buffers the
+    buckets are packed into (a consumer holds at most two buckets at once)."""
     from megatron_ring.models import hf_convert as conv
     from megatron_ring.models.weights import gather_full  # imports Megatron: the rest needs only torch
 
@@ -76,14 +99,14 @@ def hf_buckets(model, bucket_bytes: int, dtype: torch.dtype = torch.bfloat16, ev
         for hf_name, t in conv.to_hf(name, full, model.arch).items():
             t = t.detach().to(dtype)
             if keep is not None and hf_name in keep:
-                keep[hf_name] = t.float().cpu()
+                keep[hf_name] = t[:KEEP_ROWS].float().cpu()
             if current and size + t.numel() * t.element_size() > bucket_bytes:
-                yield Bucket.of(current)
+                yield Bucket.of(current, staging)
                 current, size = [], 0
             current.append((hf_name, t))
             size += t.numel() * t.element_size()
     if current:
-        yield Bucket.of(current)
+        yield Bucket.of(current, staging)
 
 
 def sample_names(names: list[str], k: int, version: int) -> list[str]:

@@ -20,8 +20,8 @@ from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.platform.distributed import rank0_then_broadcast
 from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.sglang_client import SGLangClient
+from megatron_ring.rollout.weight_buckets import KEEP_ROWS
 
-ROWS = 4  # rows of each tensor read back by name
 PROBE_TOLERANCE = 0.1  # nats, max |engine - trainer| over the probe's tokens
 PROBE_NEW_TOKENS = 8
 
@@ -36,12 +36,11 @@ def by_name(urls: list[str], kept: dict[str, torch.Tensor]) -> str | None:
         client = SGLangClient(url, timeout_s=120.0)
         for name, want in kept.items():
             try:
-                got = client.get_weights_by_name(name, ROWS)
+                got = client.get_weights_by_name(name, KEEP_ROWS)
             except RolloutError as e:
                 if "refused" in str(e):  # a 4xx: this model class has no get_weights_by_name
                     return None
                 raise
-            want = want[:ROWS]
             try:
                 got = torch.tensor(got, dtype=torch.float32).view(want.shape)
             except (TypeError, ValueError, RuntimeError):

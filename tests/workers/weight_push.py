@@ -6,6 +6,8 @@ distributed: three engines started here (--tp 1, 2, 1: a world of 1 + 4 ranks) r
     fails naming it, and after its restart on the same port the push after that succeeds.
 tensor: one colocated engine of --tp 2 started by Fleet.start with the memory saver: rank r
     feeds its TP rank r through shared memory; release, push, and the events the engine saw.
+probe: an engine without get_weights_by_name: the push is verified by the logprob probe, which
+    also catches the engine serving other weights.
 
 Rank 0 writes out/result.json: per push, each engine's samples, weight_version and what the push
 reported; the error of the interrupted push as every rank saw it."""
@@ -21,6 +23,7 @@ from megatron_ring.models.builder import build_model
 from megatron_ring.models.hf_checkpoint import HFReader
 from megatron_ring.models.weights import load_hf
 from megatron_ring.platform import distributed
+from megatron_ring.rollout import weight_check
 from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.fleet import Fleet
 from megatron_ring.rollout.fleet_plan import FleetPlan
@@ -45,9 +48,10 @@ def samples(urls: list[str]) -> dict:
     return out
 
 
-def start(hf, tp: int, log: Path, port: int | None = None) -> SGLangServer:
+def start(hf, tp: int, log: Path, port: int | None = None, by_name: bool = True) -> SGLangServer:
     port = port or distributed.free_port()
-    server = SGLangServer(server_argv(hf, "127.0.0.1", port, tp=tp, extra_args=["--dtype", "float32"], command=TEST_SERVER),
+    args = ["--dtype", "float32", *([] if by_name else ["--no-weights-by-name"])]
+    server = SGLangServer(server_argv(hf, "127.0.0.1", port, tp=tp, extra_args=args, command=TEST_SERVER),
                           "127.0.0.1", port, log)
     server.wait_ready(120)
     return server
@@ -102,13 +106,32 @@ def tensor_push(model, served_hf, out: Path, result: dict) -> None:
         engine.close()
 
 
+def probe(model, served_hf, out: Path, result: dict) -> None:
+    """An engine that cannot answer by name (as SGLang's BailingMoe): verified by the logprob
+    probe; then the engine is given other weights behind the trainer's back, and the probe says so."""
+    server = start(served_hf, 1, out / "probe.log", by_name=False) if distributed.is_rank0() else None
+    url = distributed.rank0_then_broadcast(lambda: server.url)
+    sync = WeightGroup([(url, 1)], "127.0.0.1", timeout_s=60) if distributed.is_rank0() else None
+    engine = SGLangEngine(SGLangClient(url), fleet=Fleet(url, [url], [server] if server else []),
+                          weight_mode="distributed", sync=sync, weights_dir=out / "unused", verify_tensors=2)
+    try:
+        result["probe"] = engine.push_weights(model, 4)
+        distributed.rank0_then_broadcast(lambda: SGLangClient(url).update_weights_from_disk(served_hf, 4))
+        try:
+            weight_check.verify(model, [url], {"lm_head.weight": None}, 4)
+        except RolloutError as e:
+            result[f"probe_error_rank{dist.get_rank()}"] = str(e)
+    finally:
+        engine.close()
+
+
 def main(mode: str, served_hf: str, pushed_hf: str, out: str) -> None:
     layout = distributed.init(1, 2)
     arch = HFReader(pushed_hf).arch
     model = build_model(arch, layout.validate(arch))
     load_hf(model, HFReader(pushed_hf))
     out, result = Path(out), {}
-    (distributed_push if mode == "distributed" else tensor_push)(model, served_hf, out, result)
+    {"distributed": distributed_push, "tensor": tensor_push, "probe": probe}[mode](model, served_hf, out, result)
     everyone = distributed.everyone(result)
     if distributed.is_rank0():
         merged = {k: v for r in reversed(everyone) for k, v in r.items()}  # rank 0 wins, rank 1 adds its own keys
