@@ -21,6 +21,7 @@ CORE = [
     "math-verify[antlr4_13_2]",  # math rewards
     "matplotlib",  # PNG plots in run directories
     "tqdm",
+    "pyarrow",  # parquet data files (data/jsonl_rows.py)
 ]
 
 setup(

@@ -162,6 +162,11 @@ def _stage_command(args, stage: str, module: str) -> int:
         print(dump(recipe) + "# layout: " + describe_layout(recipe, layout)
               + "".join(f"\n# {line}" for line in (fleet.describe() if fleet else []))
               + "".join(f"\n# not found here, so not checked: {m}" for m in missing))
+        from megatron_ring.launch.memory_plan import plan
+
+        memory = plan(recipe, layout)
+        print(memory.table())
+        memory.check()  # a peak over cluster.gpu_memory_gb: an error, exit 2
         return 0
     if "LOCAL_RANK" not in os.environ:
         from megatron_ring.platform import run_lock
@@ -225,6 +230,32 @@ def cmd_select(args) -> int:
     return code
 
 
+def cmd_data(args) -> int:
+    """data prepare: a distill recipe's data.train -> an indexed directory (data.prepared)."""
+    from megatron_ring.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage != "distill":
+        raise RecipeError(f"{args.recipe}: stage: {recipe.stage!r}; `data prepare` prepares a distill recipe's data.train")
+    out = args.out or recipe.data.prepared
+    if not out:
+        raise RecipeError("data.prepared: not set; give the output directory with --out DIR")
+    from megatron_ring.recipe.schema import expand
+    from megatron_ring.train import stage_setup
+    from megatron_ring.train.sft_data import prepare_recipe_data
+
+    run_dir = Path(args.run_dir or os.path.join("runs", recipe.name))  # expands {run_dir} in paths
+    out = expand(out, run_dir)
+    stage_setup.ensure_demo_data(recipe, run_dir)
+    tokenizer = stage_setup.load_tokenizer(recipe, run_dir, recipe.model.arch())
+    t0 = time.perf_counter()
+    meta = prepare_recipe_data(recipe, run_dir, tokenizer, out, args.workers)
+    r = meta["report"]
+    print(f"{out}: {meta['documents']} documents, {meta['tokens']} tokens ({meta['loss_tokens']} with loss) "
+          f"from {r['total']} rows ({r['bad']} bad) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def cmd_slurm(args) -> int:
     from megatron_ring.launch import render
 
@@ -236,6 +267,18 @@ def cmd_slurm(args) -> int:
         return render.submit(paths[0], sets, args.run_dir, args.out)
     for path in paths:
         print(render.write(path, sets, args.run_dir, args.out)[0])
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from megatron_ring.launch.memory_plan import plan
+    from megatron_ring.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage not in ("distill", "rl"):
+        raise RecipeError(f"{args.recipe}: stage: {recipe.stage!r}; `megatron-ring plan` takes a distill or rl recipe")
+    memory = plan(recipe, prompt_tokens=args.prompt_tokens)
+    print(json.dumps(memory.as_json()) if args.json else memory.table())
     return 0
 
 
@@ -291,6 +334,16 @@ def main(argv=None) -> int:
     rn.add_argument("--run-dir", default=None, help="pipeline directory (default runs/<pipeline name>)")
     rn.set_defaults(func=cmd_run)
 
+    da = sub.add_parser("data", help="data preparation: `data prepare RECIPE` tokenises data.train into indexed files")
+    da_sub = da.add_subparsers(dest="action", required=True)
+    dp = da_sub.add_parser("prepare", help="a distill recipe's data.train -> Megatron indexed .bin/.idx (data.prepared)")
+    dp.add_argument("recipe", help="YAML distill recipe")
+    dp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    dp.add_argument("--out", default=None, help="output directory (default: the recipe's data.prepared)")
+    dp.add_argument("--workers", type=int, default=None, help="tokenising processes (default data.prepare_workers; 0: all CPUs)")
+    dp.add_argument("--run-dir", default=None, help="expands {run_dir} in the recipe's paths (default runs/<recipe name>)")
+    dp.set_defaults(func=cmd_data)
+
     sl = sub.add_parser("slurm", help="render recipes into SLURM batch scripts (build/slurm/), or --submit one")
     sl.add_argument("recipes", nargs="+", help="recipe files, then key.path=value overrides")
     sl.add_argument("--out", default="build/slurm", help="where the scripts go")
@@ -315,6 +368,14 @@ def main(argv=None) -> int:
     sc.add_argument("--float-tolerance", type=float, default=0.0,
                     help="for floats in function results of rows without their own (reward.float_tolerance)")
     sc.set_defaults(func=cmd_score)
+
+    pl = sub.add_parser("plan", help="per-GPU memory of a distill or RL recipe, by phase, before it runs")
+    pl.add_argument("recipe", help="YAML recipe (e.g. recipes/ling_lite/rl_stage2_code_science.yaml)")
+    pl.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    pl.add_argument("--json", action="store_true", help="one JSON object: the components, total_gb (the peak), phases")
+    pl.add_argument("--prompt-tokens", type=int, default=1024,
+                    help="RL: prompt tokens of the longest segment (with rollout.max_new_tokens, at most the context)")
+    pl.set_defaults(func=cmd_plan)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = p.parse_known_args(argv)

@@ -50,6 +50,15 @@ def tiny_hf_normhead(tmp_path_factory, tiny_arch):
     return write_random_hf(tmp_path_factory.mktemp("tiny_hf_nh"), tiny_arch.replace(norm_head=True), seed=1)
 
 
+def demo_data(tmp_path_factory, name: str, **sizes) -> Path:
+    """A small demo data set (data/demo_data.py) in a fresh temporary directory."""
+    from megatron_ring.data.demo_data import write_demo_data
+
+    out = tmp_path_factory.mktemp(name)
+    write_demo_data(out, **sizes)
+    return out
+
+
 def run_workers(module: str, nproc: int, *args, timeout: int = 600):
     """Run tests/workers/<module>.py under torchrun; fail with its output if it fails."""
     env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

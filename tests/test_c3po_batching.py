@@ -1,11 +1,13 @@
 """GRPO advantages, the C3PO token budget (cut exactness, carry, per-rank buckets), rank balance
 and the micro-batch tensors: pure Python, no processes."""
 
+import math
 import random
 
 import pytest
 import torch
 
+from megatron_ring.ops.c3po_objective import C3POCoefficients, c3po_objective
 from megatron_ring.rl import rank_balance, rl_batch
 from megatron_ring.rl.advantages import drop_zero_variance, group_advantages
 from megatron_ring.rl.responses import Response, Segment
@@ -102,13 +104,40 @@ def test_micro_batch_tensors_put_loss_on_the_segment_only():
 
 
 def test_truncated_importance_weights():
-    r = make(0, 3, prompt=2)
-    b = rl_batch.build([Segment(r)], pad_id=1, multiple=1, per_response_norm=False)
-    b.old_logp = b.rollout_logp.clone()
-    b.old_logp[0, 1] += 5.0  # trainer much likelier than the sampler: capped
-    b.old_logp[0, 2] -= 1.0
-    before = b.weights.clone()
-    out = rl_batch.truncate_importance(b, cap=2.0)
-    assert torch.allclose(out.weights[0, 1:4], torch.tensor([2.0, torch.exp(torch.tensor(-1.0)).item(), 1.0]))
-    assert out.weights[0, 0] == 0
-    assert torch.equal(b.weights, before)  # a new batch: the input is left as it was
+    """Each live token's weight is multiplied by min(exp(old - rollout), cap); with no old pass
+    (one PPO epoch) the current logprobs are the old ones."""
+    logp = torch.tensor([-1.0, -1.0, -1.0, -1.0], requires_grad=True)
+    rollout = torch.tensor([-1.0, -6.0, 0.0, -9.0])
+    adv, mask = torch.ones(4), torch.tensor([1.0, 1.0, 1.0, 0.0])
+    coef = C3POCoefficients(1.0, 0.2, 0.2)
+    for old in (None, logp.detach().clone()):
+        out = c3po_objective(logp, torch.zeros(4), adv, mask, old, None, coef, rollout, tis_cap=2.0)
+        (grad,) = torch.autograd.grad(out.loss, logp)
+        # on-policy ratio 1: d loss / d logp_t = -w_t * A_t, w_t = min(exp(-1 - rollout_t), 2)
+        assert torch.allclose(grad, -torch.tensor([1.0, 2.0, math.exp(-1.0), 0.0]))
+        assert torch.equal(out.ratio, torch.ones(4))
+
+
+def test_token_sized_micro_batches_pack_segments_into_one_row():
+    segs = [Segment(make(i, n, prompt=2)) for i, n in enumerate([9, 3, 5, 2, 14])]
+    plan = rank_balance.plan([segs], 2, 1, per_rank=False, max_tokens=12)
+    assert len({len(p) for p in plan}) == 1
+    mbs = [m for p in plan for m in p if m]
+    assert sorted(s.response.uid for m in mbs for s in m) == list(range(5))
+    # within the cap, except a segment longer than it (16 tokens), alone
+    assert all(sum(s.seq_len for s in m) <= 12 or len(m) == 1 for m in mbs)
+    both = [m for m in mbs if len(m) > 1][0]
+    b = rl_batch.build(both, pad_id=1, multiple=4, per_response_norm=False, packed=True)
+    one = [rl_batch.build([s], pad_id=1, multiple=1, per_response_norm=False) for s in both]
+    assert b.input_ids.shape[0] == 1 and b.input_ids.shape[1] % 4 == 0
+    at = 0
+    for d, (seg, o) in enumerate(zip(both, one)):
+        n = seg.seq_len
+        assert b.input_ids[0, at:at + n].tolist() == o.input_ids[0, :n].tolist()
+        assert b.labels[0, at:at + n - 1].tolist() == o.labels[0, :n - 1].tolist()
+        assert b.position_ids[0, at:at + n].tolist() == list(range(n))
+        assert (b.doc_ids[0, at:at + n] == d).all()
+        assert torch.equal(b.weights[0, at:at + n], o.weights[0, :n])
+        assert torch.equal(b.rollout_logp[0, at:at + n], o.rollout_logp[0, :n])
+        at += n
+    assert (b.doc_ids[0, at:] == -1).all() and b.weights[0, at:].abs().sum() == 0

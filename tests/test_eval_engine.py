@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from megatron_ring.data.chat_tokenizer import ChatTokenizer
-from megatron_ring.data.demo_data import write_demo_data
 from megatron_ring.data.rl_prompts import read_prompts
 from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.models.hf_checkpoint import HFReader
@@ -26,7 +25,7 @@ from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.rewards.reward_pool import score_one
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import launch
-from tests.conftest import ROOT
+from tests.conftest import ROOT, demo_data
 from tests.hf_reference import hf_forward
 
 TEST_SERVER = (sys.executable, str(Path(__file__).with_name("sglang_test_server.py")))  # as test_sglang_client's
@@ -80,9 +79,7 @@ def test_teacher_forced_entropy_two_ranks(single, tiny_hf, tmp_path, tp, ep):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval_data")
-    write_demo_data(out, **SMALL)
-    return out
+    return demo_data(tmp_path_factory, "eval_data", **SMALL)
 
 
 @pytest.fixture(scope="module")

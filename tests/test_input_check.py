@@ -73,7 +73,7 @@ def test_dry_run_refuses_a_model_init_of_another_architecture(tiny_hf, capsys):
     assert main(["distill", str(TINY), f"model.init={tiny_hf}", "--dry-run"]) == 0
     assert main(["distill", str(LING), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "# not found here, so not checked: data.train: /data/ring-lite/sft/long_cot.jsonl does not exist" in out
+    assert "# not found here, so not checked: data.prepared: /data/ring-lite/sft/prepared does not exist" in out
     assert "# not found here, so not checked: model.init: /data/models/Ling-lite-1.5 does not exist" in out
 
 

@@ -2,7 +2,8 @@
 distributed optimizer, a frozen reference) in one lone CPU process. That process is this file
 run as a script (the CPU layer patches torch for the whole process, so not pytest's own): two
 sessions from the same init run the same two steps, one plain, one with offload/reload cycles
-before, between and after them; a bf16 session covers the optimizer's fp32 main params."""
+before, between and after them; a bf16 session covers the optimizer's fp32 main params. The
+reference's own trip to host memory (rl.reference_offload, HostCopies) ends each offload run."""
 
 import subprocess
 import sys
@@ -71,6 +72,15 @@ def _run(recipe, run_dir, offload: bool, steps: int) -> dict:
     if offload:
         cycle()
     out["ref_after"] = logits()
+    if offload:  # rl.reference_offload: the reference waits in host memory between its passes
+        from megatron_ring.rl.actor import reference_tensors
+        from megatron_ring.train.offload import HostCopies
+        stash, ref = HostCopies(), reference_tensors(s.reference)
+        out["stash_expected"] = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ref}.values())
+        out["stash_bytes"] = stash.move_out(ref)
+        out["stash_freed"] = all(t.untyped_storage().nbytes() == 0 for t in ref)
+        stash.move_back()
+        out["ref_after_stash"] = logits()
     out["weights"] = {n: p.detach().clone() for n, p in s.model.named_parameters()}
     out["main_params"] = sum(len(g) for o in getattr(s.optimizer, "chained_optimizers", [s.optimizer])
                              for g in getattr(o, "shard_fp32_from_float16_groups", []))
@@ -126,6 +136,13 @@ def test_training_through_offload_is_bit_identical(runs):
 def test_reference_logits_survive_a_round_trip(runs):
     for name in ("offload", "bf16"):
         assert torch.equal(runs[name]["ref_before"], runs[name]["ref_after"])
+
+
+def test_reference_waits_in_host_memory_and_comes_back_bit_identical(runs):
+    for name in ("offload", "bf16"):
+        r = runs[name]
+        assert r["stash_freed"] and r["stash_bytes"] == r["stash_expected"] > 0
+        assert torch.equal(r["ref_after_stash"], r["ref_before"])
 
 
 def test_offload_and_reload_are_idempotent(runs):

@@ -4,34 +4,50 @@ equals a direct softmax computation."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from megatron_ring.data.packing import assign_rows, document_attention_mask, pack
-from megatron_ring.data.sft_rows import Example
+from megatron_ring.data.packing import PackedRows, assign_rows
+from megatron_ring.models.packed_docs import document_attention_mask
 from tests.conftest import run_workers
+
+
+def rows_of(row_ptr, members):
+    return [members[row_ptr[r]:row_ptr[r + 1]].tolist() for r in range(len(row_ptr) - 1)]
 
 
 def test_best_fit_places_every_document_once():
     lengths = [90, 10, 50, 40, 60, 5, 100, 30]
-    rows = assign_rows(lengths, 100, pack=True)
+    rows = rows_of(*assign_rows(lengths, 100, pack=True))
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 100 for r in rows)
-    assert len(rows) == 4  # 385 tokens need at least 4 rows of 100
-    assert assign_rows(lengths, 100, pack=False) == [[i] for i in range(len(lengths))]
+    assert rows == [[6], [0, 1], [4, 3], [2, 7, 5]]  # 385 tokens in 4 rows of 100, each in its tightest row
+    assert rows_of(*assign_rows(lengths, 100, pack=False)) == [[i] for i in range(len(lengths))]
+
+
+class InMemory:
+    def __init__(self, docs):
+        self.docs = [(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.uint8)) for ids, mask in docs]
+
+    def document(self, i):
+        return self.docs[i]
 
 
 def test_pack_shifts_labels_within_documents():
-    docs = [Example([5, 6, 7, 8], [0, 0, 1, 1], "a:1"), Example([9, 10, 11], [0, 1, 1], "a:2")]
-    rows = pack(docs, seq_length=8, pad_id=1)
+    docs = InMemory([([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10, 11], [0, 1, 1])])
+    rows = PackedRows.build(np.array([3, 2]), seq_length=8, pack=True)
     assert len(rows) == 1
-    assert rows.input_ids[0].tolist() == [5, 6, 7, 9, 10, 1, 1, 1]
-    assert rows.labels[0, :5].tolist() == [6, 7, 8, 10, 11]  # never 7 -> 9 across the boundary
-    assert rows.loss_mask[0].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]  # prompt tokens carry no loss
-    assert rows.position_ids[0, :5].tolist() == [0, 1, 2, 0, 1]
-    assert rows.efficiency == pytest.approx(5 / 8)
-    padded = pack(docs, seq_length=8, pad_id=1, pack=False)
+    b = rows.batch([0], docs, pad_id=1)
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 9, 10, 1, 1, 1]
+    assert b["labels"][0, :5].tolist() == [6, 7, 8, 10, 11]  # never 7 -> 9 across the boundary
+    assert b["loss_mask"][0].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]  # prompt tokens carry no loss
+    assert b["position_ids"][0, :5].tolist() == [0, 1, 2, 0, 1]
+    assert b["doc_ids"][0].tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
+    assert rows.efficiency == pytest.approx(5 / 8) and rows.used([0]) == 5
+    padded = PackedRows.build(np.array([3, 2]), seq_length=8, pack=False)
     assert len(padded) == 2 and padded.efficiency == pytest.approx(5 / 16)
+    assert padded.batch([1], docs, pad_id=1)["input_ids"][0].tolist() == [9, 10, 1, 1, 1, 1, 1, 1]
 
 
 def test_mask_blocks_other_documents_and_the_future():

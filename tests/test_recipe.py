@@ -17,7 +17,7 @@ def test_inheritance_and_overrides():
     assert r.model.preset == "ling-tiny" and r.data.seq_length == 256  # from tiny
     assert r.optimizer.lr == 1e-4 and r.data.pack is False and r.parallel.ep == 1  # command line
     ling = load_recipe(LING)
-    assert (ling.data.seq_length, ling.train.global_batch, ling.optimizer.lr, ling.train.epochs) == (32768, 256, 3e-4, 3)
+    assert (ling.data.seq_length, ling.train.global_batch, ling.optimizer.lr, ling.train.epochs) == (32768, 96, 3e-4, 3)
     assert ling.model.arch().rope_theta == 600000
 
 
@@ -71,7 +71,7 @@ def test_dry_run_prints_recipe_and_layout(capsys):
     assert main(["distill", str(LING), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "seq_length: 32768" in out and "rope_theta: 600000" in out
-    assert "TP 2 (sequence parallel on) x DP 16; EP 8" in out and "16 accumulation steps" in out
+    assert "TP 2 (sequence parallel on) x DP 16; EP 8" in out and "6 accumulation steps" in out
     assert main(["distill", str(LING), "--dry-run", "train.global_batch=100"]) == 2
     assert "train.global_batch: 100 rows do not split" in capsys.readouterr().err
     assert main(["distill", str(LING), "--dry-run", "parallel.ep=7"]) == 2

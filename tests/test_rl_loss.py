@@ -47,8 +47,9 @@ def naive_loss(sd, config, segs):
         logp_all = torch.log_softmax(logits.float(), -1)
         logp = logp_all.gather(-1, labels[0][:, None]).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1)
-        old = logp.detach() + offset(labels, 0.4, 0.0)[0]
-        ref = logp.detach() + offset(labels, 0.5, 1.0)[0]
+        pos = torch.arange(labels.shape[-1])[None]
+        old = logp.detach() + offset(labels, pos, 0.4, 0.0)[0]
+        ref = logp.detach() + offset(labels, pos, 0.5, 1.0)[0]
         p = len(r.prompt_ids)
         sl = slice(p + seg.start - 1, p + seg.end - 1)
         ratio = torch.exp(logp[sl] - old[sl])
@@ -82,17 +83,23 @@ def _rel(a, b):
 
 # `make test-fast` runs tp2ep2 (TP, SP, EP and two data-parallel micro-batch splits against the
 # plain forward); `make test` every case.
-@pytest.mark.parametrize("nproc,tp,ep,mb,hf", [pytest.param(1, 1, 1, 2, "tiny_hf", marks=pytest.mark.slow),
-                                                pytest.param(1, 1, 1, 4, "tiny_hf", marks=pytest.mark.slow),
-                                                (2, 2, 2, 1, "tiny_hf"),
-                                                pytest.param(2, 1, 2, 2, "tiny_hf", marks=pytest.mark.slow),
-                                                pytest.param(2, 2, 1, 2, "tiny_hf_normhead", marks=pytest.mark.slow)],
-                         ids=["1proc-mb2", "1proc-mb4", "tp2ep2", "tp1ep2", "tp2-norm_head"])
-def test_rl_loss_matches_plain_autograd(request, naive, tmp_path, nproc, tp, ep, mb, hf):
+# Packed: token-sized micro-batches of at most 40 tokens, several segments in one row (a
+# block-diagonal mask on CPU), must give the same loss and gradients as one segment per row.
+@pytest.mark.parametrize("nproc,tp,ep,mb,hf,max_tokens", [
+    pytest.param(1, 1, 1, 2, "tiny_hf", 0, marks=pytest.mark.slow),
+    pytest.param(1, 1, 1, 4, "tiny_hf", 0, marks=pytest.mark.slow),
+    (1, 1, 1, 1, "tiny_hf", 40),
+    (2, 2, 2, 1, "tiny_hf", 0),
+    pytest.param(2, 2, 2, 1, "tiny_hf", 40, marks=pytest.mark.slow),
+    pytest.param(2, 1, 2, 2, "tiny_hf", 0, marks=pytest.mark.slow),
+    pytest.param(2, 2, 1, 2, "tiny_hf_normhead", 0, marks=pytest.mark.slow)],
+    ids=["1proc-mb2", "1proc-mb4", "1proc-packed", "tp2ep2", "tp2ep2-packed", "tp1ep2", "tp2-norm_head"])
+def test_rl_loss_matches_plain_autograd(request, naive, tmp_path, nproc, tp, ep, mb, hf, max_tokens):
     """norm_head reaches the fused kernel through output_weight(): its case checks that path."""
     hf_dir = request.getfixturevalue(hf)
     out = tmp_path / "rl.pt"
-    run_workers("rl_loss", nproc, "--hf", hf_dir, "--tp", tp, "--ep", ep, "--micro-batch", mb, "--out", out)
+    run_workers("rl_loss", nproc, "--hf", hf_dir, "--tp", tp, "--ep", ep, "--micro-batch", mb,
+                "--max-tokens", max_tokens, "--out", out)
     got = torch.load(out)
     loss, grads = naive(hf_dir)
     segs = fixed_segments(1000)

@@ -124,3 +124,20 @@ def test_schedule_uses_every_row_and_balances_ranks(n_rows, batch, dp, micro):
         assert len({len(x) for x in shares}) == 1  # the same number of micro-batches on every rank
         assert sorted(torch.cat([m for x in shares for m in x]).tolist()) == sorted(rows.tolist())
     assert not torch.equal(s.rows_of_step(1), s.rows_of_step(s.steps_per_epoch + 1)) or n_rows <= batch
+
+
+def test_parquet_rows_read_as_jsonl_rows(tok, tmp_path):
+    """The launcher's check and the stage's reader take parquet too; a bad row is named by its
+    1-based row number, and a key some rows lack (null in parquet) reads as absent."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "Compute 1+2."}, {"role": "assistant", "content": "3"}]},
+            {"messages": [{"role": "user", "content": "q"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "domain": "x"}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.Table.from_pylist(rows[2:]).schema), tmp_path / "sft.parquet")
+    write_lines(tmp_path / "sft.jsonl", [json.dumps(r) for r in rows])
+    got = {ext: read_sft_rows([str(tmp_path / f"sft.{ext}")], tok, 64, on_bad="skip") for ext in ("parquet", "jsonl")}
+    assert [e.ids for e in got["parquet"][0]] == [e.ids for e in got["jsonl"][0]] and len(got["jsonl"][0]) == 2
+    with pytest.raises(DataError, match=rf"{tmp_path / 'sft.parquet'}:2: no assistant message"):
+        check_sft_rows([str(tmp_path / "sft.parquet")])

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ring.models.presets import LingArch
+from megatron_ring.models.recompute import recompute_kwargs
 from megatron_ring.models.spec import ling_block_spec, te_by_default
 from megatron_ring.platform.layout import Layout
 
@@ -34,7 +35,9 @@ def transformer_config(
     use_te: bool = False,
     meta_device: bool = False,
     init_method_std: float = 0.02,
+    recompute=None,
 ) -> TransformerConfig:
+    """recompute: the recipe's train.recompute (models/recompute.py); None: none."""
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -87,6 +90,7 @@ def transformer_config(
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu or meta_device,
         perform_initialization=not meta_device,
+        **recompute_kwargs(recompute, arch.num_layers, use_te),
     )
 
 
@@ -136,6 +140,8 @@ class NormHeadLinear(tensor_parallel.ColumnParallelLinear):
 class LingModel(GPTModel):
     """Megatron's GPTModel with the Ling architecture facts attached."""
 
+    use_te = False  # build_model sets it: packed rows are THD under transformer-engine, a mask otherwise
+
     def __init__(self, arch: LingArch, config: TransformerConfig, spec, vocab_size: int):
         super().__init__(
             config=config,
@@ -174,18 +180,19 @@ class LingModel(GPTModel):
         return layer
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None, packed_seq_params=None) -> torch.Tensor:
         """The final (normed) hidden states [s, b, h] (with sequence parallelism this rank's
         [s/tp, b, h] block) that forward() turns into logits: megatron-core 0.16.1
         GPTModel.forward up to the output layer (_preprocess, then the decoder), training and
-        plain evaluation only (no inference context, packed_seq_params or MTP). The losses take
+        plain evaluation only (no inference context or MTP); packed_seq_params: THD rows under
+        transformer-engine (models/packed_docs.py). The losses take
         these and output_weight() to ops.logprob_entropy instead of [b, s, V] logits;
         tests/test_model.py checks forward() == hidden_states() @ output_weight().T."""
         if self.mtp_process or not (self.pre_process and self.post_process):
             raise NotImplementedError("hidden_states: one pipeline stage without MTP only")
         if self.config.fine_grained_activation_offloading:
             self.preprocess_for_fine_grained_offloading()
-        pre = self._preprocess(input_ids=input_ids, position_ids=position_ids)
+        pre = self._preprocess(input_ids=input_ids, position_ids=position_ids, packed_seq_params=packed_seq_params)
         decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = pre[:6]
         return self.decoder(
             hidden_states=decoder_input,
@@ -196,6 +203,7 @@ class LingModel(GPTModel):
             rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None,
             sequence_len_offset=sequence_len_offset,
             padding_mask=padding_mask,
+            packed_seq_params=packed_seq_params,
         )
 
     def output_weight(self) -> torch.Tensor:
@@ -213,6 +221,7 @@ def build_model(
     z_loss_coeff: float = 0.0,
     use_te: bool | None = None,
     meta_device: bool = False,
+    recompute=None,
 ) -> LingModel:
     """Build the local shard of the model. Model-parallel state must be initialised first
     (platform.distributed.init, which also applies platform/cpu_compat.py's stand-ins)."""
@@ -220,12 +229,13 @@ def build_model(
         use_te = te_by_default()
     config = transformer_config(
         arch, layout, params_dtype=params_dtype, aux_loss_coeff=aux_loss_coeff,
-        z_loss_coeff=z_loss_coeff, use_te=use_te, meta_device=meta_device,
+        z_loss_coeff=z_loss_coeff, use_te=use_te, meta_device=meta_device, recompute=recompute,
     )
     vocab = padded_vocab_size(arch.vocab_size, layout.tp)
     ctx = torch.device("meta") if meta_device else contextlib.nullcontext()
     with ctx:
         model = LingModel(arch, config, ling_block_spec(arch, use_te=use_te), vocab)
+    model.use_te = use_te
     if torch.cuda.is_available() and not meta_device:
         model.cuda(torch.cuda.current_device())  # as Megatron's get_model: any layer built on the CPU
     _mark_expert_params(model)

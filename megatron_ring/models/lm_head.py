@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_ring.models.packed_docs import attention_inputs
+
 
 def unwrap(model):
     """The LingModel under Megatron's DDP (whose forward only calls its module)."""
@@ -19,9 +21,12 @@ def flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.transpose(0, 1).reshape(-1).contiguous()
 
 
-def hidden_tokens(model, input_ids, position_ids, attention_mask) -> torch.Tensor:
-    """Final hidden states [s*b (/tp with sequence parallelism), h]."""
-    h = unwrap(model).hidden_states(input_ids, position_ids, attention_mask)
+def hidden_tokens(model, input_ids, position_ids, doc_ids=None) -> torch.Tensor:
+    """Final hidden states [s*b (/tp with sequence parallelism), h]. doc_ids [b, s]: packed
+    documents (models/packed_docs.py: a mask on CPU, THD under transformer-engine); None: causal."""
+    m = unwrap(model)
+    mask, packed = attention_inputs(doc_ids, m.use_te)
+    h = m.hidden_states(input_ids, position_ids, mask, packed_seq_params=packed)
     return h.reshape(-1, h.shape[-1])
 
 

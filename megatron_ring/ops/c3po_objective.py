@@ -43,11 +43,19 @@ class C3POLossOutput:
 
 
 def c3po_objective(logp, entropy, advantages, loss_mask, old_logp, ref_logp,
-                   coef: C3POCoefficients) -> C3POLossOutput:
+                   coef: C3POCoefficients, rollout_logp=None, tis_cap: float = 0.0) -> C3POLossOutput:
     """loss = -(1/Phi) * sum_t mask_t * (min(r A, clip(r) A) - beta*kl_t + entropy_coef*H_t)."""
     mask = loss_mask.float()
     live = mask != 0
     detached = logp.detach()
+    if tis_cap > 0:
+        # Truncated importance sampling: the rollout engine sampled from a slightly different
+        # policy (other kernels, stale weights for carried tokens), so each token's weight is
+        # multiplied by min(pi_old / pi_rollout, cap), pi_old being the current policy when the
+        # old pass is skipped (one PPO epoch); the cap bounds the correction's variance.
+        behaviour = detached if old_logp is None else old_logp.float()
+        rollout = torch.where(live, rollout_logp.float(), behaviour)
+        mask = mask * torch.exp(behaviour - rollout).clamp(max=tis_cap)
     # Rows outside the mask get neutral inputs (A=0, r=1, kl=0): their terms are then finite and
     # their gradient exactly zero, whatever the caller left in them (NaN advantages, -inf logps).
     adv = torch.where(live, advantages.float(), 0.0)

@@ -15,7 +15,8 @@ def fused_c3po_loss(hidden, weight, targets, advantages, loss_mask, old_logp=Non
                     entropy_coef: float = 0.0, temperature: float = 1.0, tp_group=None,
                     vocab_start: int | None = None, true_vocab_size: int | None = None,
                     sequence_parallel: bool = False, chunk_tokens: int | None = None,
-                    chunk_vocab: int | None = None, impl: str = "auto") -> C3POLossOutput:
+                    chunk_vocab: int | None = None, impl: str = "auto", rollout_logp=None,
+                    tis_cap: float = 0.0) -> C3POLossOutput:
     """C3PO loss of one micro-batch, straight from the final hidden states.
 
     hidden [T, H], or with sequence_parallel this rank's [T/tp, H] block of Megatron's
@@ -24,14 +25,18 @@ def fused_c3po_loss(hidden, weight, targets, advantages, loss_mask, old_logp=Non
     output layer. targets (global ids), advantages, loss_mask, old_logp, ref_logp: [T], the same
     on every TP rank.
     old_logp None: on-policy (ratio 1, PPO's first-epoch gradient). ref_logp None or beta 0:
-    no KL. normalizer: C3PO's constant token budget Phi, the loss's divisor.
+    no KL. normalizer: C3PO's constant token budget Phi, the loss's divisor. tis_cap > 0:
+    truncated importance weights against rollout_logp [T] (ops/c3po_objective.py).
     Returns the loss (with gradient for hidden and weight) and detached per-token metrics."""
     coef = C3POCoefficients(normalizer, eps_low, eps_high, beta, entropy_coef)
     n = token_rows(hidden, tp_group, sequence_parallel)
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+    if tis_cap > 0 and rollout_logp is None:
+        raise ValueError("tis_cap > 0 needs rollout_logp")
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("rollout_logp", rollout_logp)):
         check_token_vector(name, t, n)
     logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, tp_group=tp_group,
                                     vocab_start=vocab_start, true_vocab_size=true_vocab_size,
                                     sequence_parallel=sequence_parallel, loss_mask=loss_mask,
                                     chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, impl=impl)
-    return c3po_objective(logp, entropy, advantages, loss_mask, old_logp, ref_logp, coef)
+    return c3po_objective(logp, entropy, advantages, loss_mask, old_logp, ref_logp, coef, rollout_logp, tis_cap)

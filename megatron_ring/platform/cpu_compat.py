@@ -176,14 +176,24 @@ def _patch_megatron():
     # restores it from the param groups) but then copy every key of the live state: KeyError.
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    @torch.no_grad()  # fp32 main params are views of the (leaf) model params
     def _set_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         live = {"param": main_param, **self.optimizer.state[main_param]}
         for key, value in tensors.items():
+            if key in ("padding", "step"):  # dp_reshardable's bookkeeping; 'step' came from the param groups
+                continue
             live[key].copy_(value)
 
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
+
+    # Recomputed attention (train.recompute core_attn or full) builds its causal mask with a
+    # literal device="cuda" inside the backward pass, on autograd's thread, where the CUDA
+    # stand-in mode above is not active; fused_softmax imported the function by name.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = lambda sq: torch.ones(sq, sq).triu(diagonal=1).bool()
 
 
 def patch_missing_transformer_engine() -> None:

@@ -7,14 +7,24 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from megatron_ring.recipe.schema import (MOVED_TO_OPTIMIZER, ClusterSection, LoggingSection, ModelSection,
-                                         OptimizerSection, ParallelSection, SampledEval, check_positive)
+                                         OptimizerSection, ParallelSection, SampledEval, TrainCommon,
+                                         check_positive)
 from megatron_ring.recipe.typed import FieldError, RecipeError
 
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # SFT jsonl files; `{run_dir}` is expanded
+    train: list[str] = field(default_factory=list)  # SFT jsonl / parquet files; `{run_dir}` is expanded
+    # A directory `megatron-ring data prepare` wrote (indexed .bin/.idx); empty: the stage
+    # prepares `train` into RUN_DIR/cache itself before training.
+    prepared: str = ""
     tokenizer: str = ""  # Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json)
+    # auto: the tokenizer directory's chat_template, Ling's built-in one when it has none;
+    # ling: Ling's always; tokenizer: the directory's (an error when it has none).
+    chat_template: Literal["auto", "ling", "tokenizer"] = "auto"
+    messages_key: str = "messages"  # the row key holding the conversation
+    roles: dict[str, str] = field(default_factory=dict)  # row role name -> system|user|assistant
+    prepare_workers: int = 0  # tokenising processes of `data prepare`; 0: the machine's CPUs
     seq_length: int = 32768  # packing length = context
     pack: bool = True  # pack documents into rows (no attention across them); else pad each alone
     bad_rows: Literal["skip", "fail"] = "fail"
@@ -26,7 +36,7 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(TrainCommon):
     MOVED: ClassVar[dict[str, str]] = MOVED_TO_OPTIMIZER
 
     epochs: int = 3
@@ -38,6 +48,7 @@ class TrainSection:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive(epochs=self.epochs, global_batch=self.global_batch, micro_batch=self.micro_batch)
 
 

@@ -8,15 +8,17 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from megatron_ring.recipe.schema import (MOVED_TO_OPTIMIZER, ClusterSection, LoggingSection, ModelSection,
-                                         OptimizerSection, ParallelSection, SampledEval, check_positive)
+                                         OptimizerSection, ParallelSection, SampledEval, TrainCommon,
+                                         check_positive)
 from megatron_ring.recipe.typed import FieldError
 
 
 @dataclass
 class RLDataSection:
-    prompts: list[str] = field(default_factory=list)  # RL prompt jsonl files; `{run_dir}` is expanded
+    prompts: list[str] = field(default_factory=list)  # RL prompt jsonl / parquet files; `{run_dir}` is expanded
     domains: list[str] = field(default_factory=list)  # keep only these domains; empty: all
     tokenizer: str = ""
+    chat_template: Literal["auto", "ling", "tokenizer"] = "auto"  # as the distill recipe's data.chat_template
     bad_rows: Literal["skip", "fail"] = "fail"
     demo: str | None = None  # generate the embedded demo data set here first (tiny recipes)
     demo_sft_rows: int = 6000
@@ -91,6 +93,9 @@ class RLSection:
     drop_zero_variance: bool = False  # drop groups whose K rewards are all equal (no advantage)
     tis_cap: float = 0.0  # truncated importance sampling against rollout logprobs; 0: off
     ppo_epochs: int = 1  # optimizer steps on each step's selected tokens
+    # The frozen reference model waits in host memory between its forward passes (GPU memory
+    # for activations; costs a host-to-device copy of its weights per step).
+    reference_offload: bool = False
 
     def __post_init__(self):
         check_positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
@@ -110,7 +115,7 @@ class RLOptimizerSection(OptimizerSection):
 
 
 @dataclass
-class RLTrainSection:
+class RLTrainSection(TrainCommon):
     MOVED: ClassVar[dict[str, str]] = MOVED_TO_OPTIMIZER
 
     steps: int = 100
@@ -120,6 +125,7 @@ class RLTrainSection:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         check_positive(steps=self.steps, micro_batch=self.micro_batch)
 
 

@@ -71,9 +71,11 @@ class ClusterSection:
     requeue: bool = True  # preempted or near the time limit: checkpoint, then requeue the job
     signal_before_s: int = 300  # SLURM warns the job this long before its time limit
     sbatch_args: list[str] = field(default_factory=list)  # anything else for #SBATCH (e.g. --qos=high)
+    gpu_memory_gb: float = 80.0  # per GPU: the memory plan (`megatron-ring plan`) must fit under it
 
     def __post_init__(self):
-        check_positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s)
+        check_positive(nodes=self.nodes, gpus_per_node=self.gpus_per_node, signal_before_s=self.signal_before_s,
+                       gpu_memory_gb=self.gpu_memory_gb)
         if (self.sglang == "dedicated") != (self.sglang_nodes > 0):
             raise FieldError(f"sglang_nodes {self.sglang_nodes} with sglang {self.sglang}; dedicated "
                              "servers need sglang_nodes > 0, co-located ones none", "sglang", "sglang_nodes")
@@ -106,6 +108,47 @@ class OptimizerSection:
         check_positive(lr=self.lr)
         if not 0 <= self.warmup_frac < 1:
             raise FieldError(f"must be in [0, 1), got {self.warmup_frac}", "warmup_frac")
+
+
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+
+
+@dataclass
+class RecomputeSection:
+    """Activation recompute, Megatron's: `selective` recomputes the listed submodules' outputs in
+    the backward pass (core_attn: the attention scores, the largest activation at long context);
+    `full` recomputes whole layers from their inputs, `num_layers` layers per checkpointed block
+    (Megatron's uniform method)."""
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    num_layers: int = 1
+
+    def __post_init__(self):
+        check_positive(num_layers=self.num_layers)
+        bad = [m for m in self.modules if m not in RECOMPUTE_MODULES]
+        if bad:
+            raise FieldError(f"{bad} are not recompute modules (known: {', '.join(RECOMPUTE_MODULES)})", "modules")
+
+
+@dataclass
+class TrainCommon:
+    """Train keys both stages share: micro-batch size in tokens, recompute, checkpoint writing."""
+
+    # Micro-batches by tokens: 0 takes `micro_batch` rows; > 0 packs documents (SFT) or segments
+    # (RL) into micro-batches of at most this many tokens, every rank running the same number.
+    max_tokens_per_micro_batch: int = 0
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    keep_last: int = 0  # periodic checkpoints kept (the newest); 0: all
+    async_save: bool = False  # write checkpoints in the background while the next step runs
+
+    def __post_init__(self):
+        if self.max_tokens_per_micro_batch < 0 or self.keep_last < 0:
+            raise FieldError("must be >= 0 (0: off)",
+                             "max_tokens_per_micro_batch" if self.max_tokens_per_micro_batch < 0 else "keep_last")
+        if self.max_tokens_per_micro_batch and getattr(self, "micro_batch", 1) != 1:
+            raise FieldError("a token-sized micro-batch is one packed row: leave micro_batch at 1",
+                             "micro_batch", "max_tokens_per_micro_batch")
 
 
 # A train section still naming an optimizer key is told where it went (`typed.build`).

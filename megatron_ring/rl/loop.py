@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import time
 
+from megatron_ring.platform import distributed
 from megatron_ring.recipe.schema import expand
+from megatron_ring.rl import carried_segments
 from megatron_ring.rl.actor import Actor
 from megatron_ring.rl.loss_modes import StepBudget
 from megatron_ring.rl.rl_eval import Evaluator
@@ -50,8 +52,11 @@ def _loop(recipe, session, actor, rollouts, evaluator, start: int) -> dict:
         log.log({"step": 0, **evaluator.run(session.model, rollouts.engine)}, show=("eval_accuracy",))
 
     def save(step):
+        state = rollouts.state_dict()
+        pending = state.pop("pending")  # rank 0's are the real ones (every rank reads them on resume)
+        carried = carried_segments.encode(pending) if distributed.is_rank0() else b""
         with rollouts.trainer_state():
-            session.save(step, {"rl": {"step": step, **rollouts.state_dict()}})
+            session.save(step, {"rl": {"step": step, **state}}, files={carried_segments.FILE: carried})
 
     record: dict = {}
     for step in range(start + 1, steps + 1):

@@ -35,6 +35,7 @@ class LossConfig:
     beta: float = 0.0  # KL to the reference
     entropy_coef: float = 0.0
     temperature: float = 1.0  # the rollout temperature: logprobs are of the sampled distribution
+    tis_cap: float = 0.0  # truncated importance sampling against the rollout logprobs; 0: off
 
     def __post_init__(self):
         if int(self.divisor) != self.divisor or self.divisor <= 0:
@@ -50,8 +51,9 @@ def token_logprobs(model, batches: list[RLBatch], temperature: float) -> list[to
     m.eval()
     out = []
     for batch in batches:
-        logp, _ = logprob_entropy(hidden_tokens(model, batch.input_ids, batch.positions(), None), m.output_weight(), flat(batch.labels),
-                                  temperature=temperature, **head_args(model))
+        hidden = hidden_tokens(model, batch.input_ids, batch.positions(), batch.doc_ids)
+        logp, _ = logprob_entropy(hidden, m.output_weight(), flat(batch.labels), temperature=temperature,
+                                  **head_args(model))
         b, s = batch.input_ids.shape
         out.append(logp.view(s, b).transpose(0, 1).contiguous())
     m.train(was_training)
@@ -73,10 +75,14 @@ def _loss_func(batch: RLBatch, cfg: LossConfig, share: int, model, hidden: torch
     out = fused_c3po_loss(hidden, m.output_weight(), flat(batch.labels), flat(batch.advantages), w,
                           flat(batch.old_logp), flat(batch.ref_logp), normalizer=1.0,
                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-                          entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, **head_args(model))
+                          entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+                          rollout_logp=flat(batch.rollout_logp), tis_cap=cfg.tis_cap, **head_args(model))
     live = (w != 0).float()
     n = live.sum()
-    gap = (flat(batch.old_logp) - flat(batch.rollout_logp)).abs() if batch.old_logp is not None else torch.zeros_like(w)
+    # The trainer-vs-engine gap, from the old pass, or (one PPO epoch, no old pass) from this
+    # forward's own logprobs, which are then the old policy's.
+    old = flat(batch.old_logp) if batch.old_logp is not None else out.logp
+    gap = torch.where(live != 0, old - flat(batch.rollout_logp), 0.0).abs()
     report = torch.stack([out.loss.detach() / cfg.divisor, n, (out.entropy * live).sum(), (out.kl * live).sum(),
                           out.clip_low_frac * n, out.clip_high_frac * n, (gap * live).sum(), (out.ratio * live).sum()])
     return out.loss, torch.tensor(share, dtype=torch.int, device=out.loss.device), {"rl": report}
@@ -84,7 +90,8 @@ def _loss_func(batch: RLBatch, cfg: LossConfig, share: int, model, hidden: torch
 
 def _forward_step(cfg: LossConfig, shares, data_iterator, model):
     batch, share = next(data_iterator), next(shares)
-    return hidden_tokens(model, batch.input_ids, batch.positions(), None), partial(_loss_func, batch, cfg, share, model)
+    return (hidden_tokens(model, batch.input_ids, batch.positions(), batch.doc_ids),
+            partial(_loss_func, batch, cfg, share, model))
 
 
 def forward_backward(ddp, batches: list[RLBatch], cfg: LossConfig) -> dict:

@@ -26,13 +26,33 @@ def spread(segments: list[Segment], dp: int) -> list[list[Segment]]:
     return ranks
 
 
-def micro_batches(per_rank: list[list[Segment]], micro_batch: int) -> list[list[MicroBatch]]:
+def by_tokens(segs: list[Segment], max_tokens: int) -> list[MicroBatch]:
+    """First-fit decreasing: each segment (longest first) joins the first micro-batch with room
+    for its seq_len tokens; a segment longer than max_tokens is a micro-batch of its own."""
+    out: list[MicroBatch] = []
+    room: list[int] = []
+    for seg in sorted(segs, key=lambda s: (-s.seq_len, s.response.uid, s.start)):
+        k = next((i for i, free in enumerate(room) if free >= seg.seq_len), None)
+        if k is None:
+            out.append([seg])
+            room.append(max_tokens - seg.seq_len)
+        else:
+            out[k].append(seg)
+            room[k] -= seg.seq_len
+    return out
+
+
+def micro_batches(per_rank: list[list[Segment]], micro_batch: int, max_tokens: int = 0) -> list[list[MicroBatch]]:
     """Each rank's segments in micro-batches of `micro_batch` rows (similar lengths together, to
-    pad little), every rank padded to the same number of micro-batches."""
+    pad little), or of at most `max_tokens` tokens when > 0 (packed into one row each), every
+    rank padded to the same number of micro-batches."""
     if micro_batch <= 0:
         raise ValueError(f"micro_batch must be > 0, got {micro_batch}")
     out = []
     for segs in per_rank:
+        if max_tokens > 0:
+            out.append(by_tokens(segs, max_tokens))
+            continue
         segs = sorted(segs, key=lambda s: (s.seq_len, s.response.uid, s.start))
         out.append([segs[i:i + micro_batch] for i in range(0, len(segs), micro_batch)])
     count = max(1, max(len(m) for m in out))
@@ -43,9 +63,10 @@ def micro_batches(per_rank: list[list[Segment]], micro_batch: int) -> list[list[
     return out
 
 
-def plan(buckets: list[list[Segment]], dp: int, micro_batch: int, per_rank: bool) -> list[list[MicroBatch]]:
+def plan(buckets: list[list[Segment]], dp: int, micro_batch: int, per_rank: bool,
+         max_tokens: int = 0) -> list[list[MicroBatch]]:
     """Buckets from fill_buckets -> micro-batches per rank. per_rank (StepBudget.per_rank): one
     bucket per rank, each trained where it was filled; else one bucket spread over the ranks."""
     if len(buckets) != (dp if per_rank else 1):
         raise ValueError(f"{len(buckets)} buckets for {dp} data-parallel ranks (per_rank={per_rank})")
-    return micro_batches(buckets if per_rank else spread(buckets[0], dp), micro_batch)
+    return micro_batches(buckets if per_rank else spread(buckets[0], dp), micro_batch, max_tokens)

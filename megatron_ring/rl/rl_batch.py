@@ -1,10 +1,13 @@
-"""A micro-batch of segments as tensors: prompt + response tokens right-padded, and per position
-t (which predicts token t+1) the loss weight, advantage and the rollout/old/reference logprobs
-of that next token. Only a segment's own response tokens [start, end) get a weight."""
+"""A micro-batch of segments as tensors: prompt + response tokens, one segment per row right-
+padded, or (token-sized micro-batches) all segments packed into one row with per-segment
+positions and document ids, so attention stays within each segment (a mask on CPU, THD under
+transformer-engine). Per position t (which predicts token t+1): the loss weight, advantage and
+the rollout/old/reference logprobs of that next token. Only a segment's own response tokens
+[start, end) get a weight."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +23,12 @@ class RLBatch:
     rollout_logp: torch.Tensor  # [b, s]
     old_logp: torch.Tensor | None = None  # the actor's forward-only passes (a new batch carries them)
     ref_logp: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # packed: restarting at each segment
+    doc_ids: torch.Tensor | None = None  # packed: the segment of each position, -1 for padding
 
     def positions(self) -> torch.Tensor:
+        if self.position_ids is not None:
+            return self.position_ids
         b, s = self.input_ids.shape
         return torch.arange(s, device=self.input_ids.device).unsqueeze(0).expand(b, s)
 
@@ -52,13 +59,16 @@ def rows_of(segments: list[Segment], per_response_norm: bool) -> list[Row]:
     return rows
 
 
-def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool) -> RLBatch:
-    return from_rows(rows_of(segments, per_response_norm), pad_id, multiple)
+def build(segments: list[Segment], pad_id: int, multiple: int, per_response_norm: bool,
+          packed: bool = False) -> RLBatch:
+    return from_rows(rows_of(segments, per_response_norm), pad_id, multiple, packed)
 
 
-def from_rows(rows: list[Row], pad_id: int, multiple: int) -> RLBatch:
+def from_rows(rows: list[Row], pad_id: int, multiple: int, packed: bool = False) -> RLBatch:
     """Right-padded to a multiple of `multiple` (TP's sequence split). No rows gives a one-row
     dummy with no loss, so a rank without work still runs the collective forward."""
+    if packed:
+        return _packed(rows, pad_id, multiple)
     ids_rows = [r.ids for r in rows] or [[pad_id]]
     width = -(-max(len(r) + 1 for r in ids_rows) // multiple) * multiple  # +1: room for the last label
     shape = (len(ids_rows), width)
@@ -75,9 +85,27 @@ def from_rows(rows: list[Row], pad_id: int, multiple: int) -> RLBatch:
     return RLBatch(ids, labels, weights, adv, rollout)
 
 
-def truncate_importance(batch: RLBatch, cap: float) -> RLBatch:
-    """Truncated importance sampling: the rollout engine sampled from a slightly different policy
-    (other kernels, stale weights for carried segments), so each token's weight is multiplied by
-    min(pi_old / pi_rollout, cap), a correction whose variance the cap bounds. Returns a new batch."""
-    ratio = torch.exp(batch.old_logp - batch.rollout_logp).clamp(max=cap)
-    return replace(batch, weights=torch.where(batch.weights != 0, batch.weights * ratio, batch.weights))
+
+def _packed(rows: list[Row], pad_id: int, multiple: int) -> RLBatch:
+    """All rows in one: each segment's tokens at its own offset, its last position predicting
+    padding (no weight there: hi <= len(ids) - 1)."""
+    width = -(-max(1, sum(len(r.ids) for r in rows)) // multiple) * multiple
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((1, width), dtype=torch.long)
+    doc_ids = torch.full((1, width), -1, dtype=torch.long)
+    weights, adv, rollout = torch.zeros(1, width), torch.zeros(1, width), torch.zeros(1, width)
+    at = 0
+    for d, r in enumerate(rows):
+        n = len(r.ids)
+        ids[0, at:at + n] = torch.tensor(r.ids)
+        labels[0, at:at + n - 1] = ids[0, at + 1:at + n]
+        positions[0, at:at + n] = torch.arange(n)
+        doc_ids[0, at:at + n] = d
+        lo, hi = at + r.lo, at + r.hi
+        weights[0, lo:hi], adv[0, lo:hi] = r.weight, r.advantage
+        rollout[0, lo:hi] = torch.tensor(r.logp)
+        at += n
+    if at < width:  # the padding is a document of its own, positions from 0
+        positions[0, at:] = torch.arange(width - at)
+    return RLBatch(ids, labels, weights, adv, rollout, position_ids=positions, doc_ids=doc_ids)

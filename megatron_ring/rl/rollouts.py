@@ -25,7 +25,7 @@ from megatron_ring.platform import distributed
 from megatron_ring.recipe.schema import expand
 from megatron_ring.rewards.code_reward import CodeRewardSettings
 from megatron_ring.rewards.reward_pool import RewardPool
-from megatron_ring.rl import batch_transfer, rank_balance, rl_batch
+from megatron_ring.rl import batch_transfer, carried_segments, rank_balance, rl_batch
 from megatron_ring.rl.advantages import drop_zero_variance, group_advantages
 from megatron_ring.rl.loss_modes import StepBudget
 from megatron_ring.rl.prompt_stream import PromptStream
@@ -78,7 +78,7 @@ class Rollouts:
         self.prompts = PromptStream(rows, [self.tokenizer.encode_prompt(r.messages()) for r in rows],
                                     recipe.rollout.seed)
         self.cursor = saved["prompt_cursor"] if saved else 0
-        self.pending = [Segment.from_json(s) for s in saved.get("pending", [])] if saved else []
+        self.pending = carried_segments.read(session.resumed_from, saved) if saved else []
         self.dp_rank_of = batch_transfer.dp_ranks()
         rw = recipe.reward  # the pool scores on rank 0 only
         self.pool = RewardPool(rw.pool_size(recipe.cluster.gpus_per_node), rw.timeout_s,
@@ -96,8 +96,9 @@ class Rollouts:
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume the prompt order and the carried tokens exactly
-        (rank 0's: it writes the trainer state)."""
-        return {"prompt_cursor": self.cursor, "pending": [s.to_json() for s in self.pending]}
+        (rank 0's: it writes the trainer state). `pending`: the carried segments as they are now
+        (a copy of the list), which the checkpoint keeps in a binary file (rl/carried_segments.py)."""
+        return {"prompt_cursor": self.cursor, "pending": list(self.pending)}
 
     def push_weights(self, model, version: int) -> dict:
         """Collective: the engines serve the model's weights of step `version` (colocated with
@@ -148,7 +149,8 @@ class Rollouts:
             rounds += 1
         plan = distributed.rank0_then_barrier(lambda: self._plan(segments))
         mine, divisor = batch_transfer.scatter(plan and plan[0], plan[1] if plan else 0, self.dp_rank_of)
-        batches = [distributed.to_device(rl_batch.from_rows(mb, self.tokenizer.pad_id, self.session.layout.tp))
+        packed = self.recipe.train.max_tokens_per_micro_batch > 0
+        batches = [distributed.to_device(rl_batch.from_rows(mb, self.tokenizer.pad_id, self.session.layout.tp, packed))
                    for mb in mine]
         overlap = stats["overlap"]  # per round
         return StepData(batches, divisor, rounds, time.perf_counter() - t0, stats["responses"],
@@ -216,7 +218,9 @@ class Rollouts:
         else:
             buckets = [segments]
         selected = [s for b in buckets for s in b]
-        plan = rank_balance.plan(buckets, self.session.dp, self.recipe.train.micro_batch, self.budget.per_rank)
+        t = self.recipe.train
+        plan = rank_balance.plan(buckets, self.session.dp, t.micro_batch, self.budget.per_rank,
+                                 t.max_tokens_per_micro_batch)
         per_response = self.budget.mode.per_response_weight
         rows = [[rl_batch.rows_of(mb, per_response) for mb in mbs] for mbs in plan]
         return rows, self.budget.divisor(selected), sum(s.seq_len for s in selected)

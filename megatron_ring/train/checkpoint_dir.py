@@ -168,6 +168,41 @@ def _damaged(pointer: Path, what: str) -> str:
     return f"{pointer} {what}. Not resuming, and not restarting from step 0 over existing checkpoints: {advice}"
 
 
+def retain(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """`train.keep_last`: once a new checkpoint is complete, delete the periodic ones beyond the
+    newest keep_last (0: keep all). Never deleted: the one `latest` names, a step-0 baseline and
+    the distillation's epoch-end checkpoints (`select`'s candidates), nor a directory that is not
+    complete (not ours to judge). Each is renamed to a .tmp name first, so that a crash mid-delete
+    leaves a partial directory nothing lists or loads, which the next save removes. Returns what
+    was deleted."""
+    if keep_last <= 0:
+        return []
+    root = Path(root)
+    try:
+        current = (root / LATEST).read_text().strip()
+    except OSError:
+        current = None
+    periodic = [p for p in complete_checkpoints(root) if not _kept_for_good(p)]
+    doomed = [p for p in periodic[:-keep_last] if p.name != current]
+    for p in doomed:
+        trash = p.with_name(p.name + ".deleted.tmp")
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        fsync_path(root)
+    return doomed
+
+
+def _kept_for_good(path: Path) -> bool:
+    """A step-0 baseline, an epoch end, or a checkpoint whose trainer state cannot be read."""
+    if step_of(path) == 0:
+        return True
+    try:
+        return bool(json.loads((path / "trainer_state.json").read_text()).get("epoch_end"))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def remove_partial(root: Path) -> None:
     """Remove iter_*.tmp directories left by saves that were killed (never complete, never read)."""
     for p in root.glob("iter_*.tmp"):

@@ -28,13 +28,14 @@ from megatron_ring.models.lm_head import flat, head_args, hidden_tokens, unwrap
 @dataclass
 class Batch:
     """One micro-batch: tokens, next-token labels, and which labels carry loss. Packed rows add
-    per-document positions and a [b, 1, s, s] mask (True = blocked); plain rows are causal."""
+    per-document positions and document ids (-1: padding), which attention turns into a mask or
+    THD boundaries (models/packed_docs.py); plain rows are causal."""
 
     input_ids: torch.Tensor  # [b, s]
     labels: torch.Tensor  # [b, s]
     loss_mask: torch.Tensor  # [b, s] float
     position_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None  # [b, s]
 
     def positions(self) -> torch.Tensor:
         if self.position_ids is not None:
@@ -94,7 +95,7 @@ def _loss_func(batch: Batch, model, hidden: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     batch = to_device(next(data_iterator))
-    hidden = hidden_tokens(model, batch.input_ids, batch.positions(), batch.attention_mask)
+    hidden = hidden_tokens(model, batch.input_ids, batch.positions(), batch.doc_ids)
     return hidden, partial(_loss_func, batch, unwrap(model))
 
 

@@ -4,7 +4,8 @@ parsed, checked against the row schema; data.bad_rows decides between skipping a
 and model.init against the recipe's model. Files the stage generates itself (data.demo) are
 left to it. An input that does not exist stops a launch; a dry run, which may be made where the
 cluster's files are not mounted, lists it instead. SFT lengths need the tokenised rows: the
-stage checks them when it tokenises (rank 0, once, cached)."""
+stage checks them when it tokenises (rank 0, once, cached); a prepared directory
+(data.prepared) when it opens it."""
 
 from __future__ import annotations
 
@@ -46,9 +47,14 @@ def check_inputs(recipe, run_dir, missing_ok: bool = False) -> list[str]:
     if recipe.stage == "distill":
         from megatron_ring.data.sft_rows import check_sft_rows  # deferred: tokenizers and jinja2, for distill only
 
-        if not recipe.data.train:
-            raise RecipeError("data.train: no SFT files given")
-        rows("data.train", recipe.data.train, lambda files: check_sft_rows(files, recipe.data.bad_rows))
+        d = recipe.data
+        if d.prepared:  # its format, tokenizer and lengths are checked when the stage opens it
+            present("data.prepared", expand(d.prepared, run_dir))
+        elif not d.train:
+            raise RecipeError("data.train: no SFT files given (or data.prepared: a prepared directory)")
+        else:
+            rows("data.train", d.train,
+                 lambda files: check_sft_rows(files, d.bad_rows, messages_key=d.messages_key, roles=d.roles))
     else:
         if not recipe.data.prompts:
             raise RecipeError("data.prompts: no RL prompt files given")

@@ -36,6 +36,52 @@ def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
+class HostCopies:
+    """Device storages copied into host memory and freed in place, later restored into the same
+    storage objects, so every tensor, view and dict key that refers to them stays valid. Host
+    buffers are pinned on CUDA, allocated once and reused."""
+
+    def __init__(self):
+        self._host: dict[int, torch.Tensor] = {}  # id(tensor) -> host bytes of its storage
+        self._moved: list[torch.Tensor] = []  # one tensor per storage freed by the last move_out
+
+    def move_out(self, tensors) -> int:
+        """Copy out and free each distinct, non-empty storage; returns the bytes freed."""
+        moved, seen = [], set()
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if t.untyped_storage().nbytes() and ptr not in seen:
+                seen.add(ptr)
+                moved.append(t)
+        cuda = any(t.device.type == "cuda" for t in moved)
+        host = {}
+        for t in moved:
+            nbytes = t.untyped_storage().nbytes()
+            buf = self._host.get(id(t))
+            if buf is None or buf.numel() != nbytes:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=cuda)
+            buf.copy_(_storage_bytes(t), non_blocking=cuda)
+            host[id(t)] = buf
+        if cuda:
+            torch.cuda.synchronize()  # the copies are done before their sources are freed
+        for t in moved:
+            t.untyped_storage().resize_(0)
+        self._host.update(host)
+        self._moved += moved
+        return sum(buf.numel() for buf in host.values())
+
+    def move_back(self) -> None:
+        """Re-allocate every freed storage and copy its bytes back (synchronised)."""
+        cuda = any(t.device.type == "cuda" for t in self._moved)
+        for t in self._moved:
+            buf = self._host[id(t)]
+            t.untyped_storage().resize_(buf.numel())
+            _storage_bytes(t).copy_(buf, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        self._moved = []
+
+
 class TrainerOffload:
     """offload() / reload() around rollouts. Both are idempotent: offload when offloaded and
     reload when not offloaded do nothing, so callers can call them unconditionally."""
@@ -44,8 +90,7 @@ class TrainerOffload:
         self.ddp, self.optimizer, self.reference = ddp, optimizer, reference
         self.device = next(ddp.module.parameters()).device
         self.offloaded = False
-        self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, host bytes)
-        self._moved: list[torch.Tensor] = []  # one tensor per storage freed by the last offload
+        self.copies = HostCopies()
 
     def _grad_buffers(self):
         return [b for b in self.ddp.buffers + self.ddp.expert_parallel_buffers if b.grad_data is not None]
@@ -57,7 +102,7 @@ class TrainerOffload:
                 yield inner
 
     def _movable(self) -> list[torch.Tensor]:
-        """One tensor per device storage to copy out and free: optimizer state, optimizer params
+        """Tensors whose device storages to copy out and free: optimizer state, optimizer params
         that are not the policy's weights (fp32 main params), reference parameters and buffers."""
         keep = {p.untyped_storage().data_ptr() for p in self.ddp.module.parameters()}
         keep |= {b.grad_data.untyped_storage().data_ptr() for b in self._grad_buffers()}
@@ -69,50 +114,27 @@ class TrainerOffload:
                 candidates += [p for p in group["params"] if isinstance(p, torch.Tensor)]
         if self.reference is not None:
             candidates += [*self.reference.parameters(), *self.reference.buffers()]
-        out, seen = [], set(keep)
-        for t in candidates:
-            if t.device != self.device or t.untyped_storage().nbytes() == 0:
-                continue
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                out.append(t)
-        return out
+        return [t for t in candidates if t.device == self.device and t.untyped_storage().data_ptr() not in keep]
 
     def offload(self) -> dict:
         if self.offloaded:
             return {"offload_bytes": 0, "offload_s": 0.0}
         t0, cuda = time.perf_counter(), self.device.type == "cuda"
-        moved, host = self._movable(), {}
-        for t in moved:
-            nbytes = t.untyped_storage().nbytes()
-            _, buf = self._host.get(id(t), (None, None))
-            if buf is None or buf.numel() != nbytes:  # host copies are allocated once and reused
-                buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=cuda)
-            buf.copy_(_storage_bytes(t), non_blocking=cuda)
-            host[id(t)] = (t, buf)
-        freed = sum(t.untyped_storage().nbytes() for t in moved)
+        freed = self.copies.move_out(self._movable())
         freed += sum(b.grad_data.untyped_storage().nbytes() for b in self._grad_buffers())
-        if cuda:
-            torch.cuda.synchronize()  # the copies are done before their sources are freed
-        for t in moved:
-            t.untyped_storage().resize_(0)
         self.ddp.offload_grad_buffers(synchronize=False, empty_cache=False)
         if cuda:
             torch.cuda.empty_cache()
-        self._host, self._moved, self.offloaded = host, moved, True
+        self.offloaded = True
         return {"offload_bytes": freed, "offload_s": time.perf_counter() - t0}
 
     def reload(self) -> dict:
         if not self.offloaded:
             return {"reload_s": 0.0}
         t0, cuda = time.perf_counter(), self.device.type == "cuda"
-        for t in self._moved:
-            buf = self._host[id(t)][1]
-            t.untyped_storage().resize_(buf.numel())
-            _storage_bytes(t).copy_(buf, non_blocking=cuda)
+        self.copies.move_back()
         self.ddp.restore_grad_buffers(synchronize=False)  # re-allocated and zeroed
         if cuda:
             torch.cuda.synchronize()
-        self._moved, self.offloaded = [], False
+        self.offloaded = False
         return {"reload_s": time.perf_counter() - t0}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ring.platform.distributed import any_rank
+from megatron_ring.train import checkpoint
 
 REQUEST = "preempt.request"
 
@@ -27,12 +28,15 @@ def requested(run_dir: str | Path) -> bool:
 
 
 def save_or_stop(run_dir: str | Path, step: int, total: int, due: bool, save, log, stage: str) -> bool:
-    """Collective, after every step: save when due or when a requeue is requested (the last
-    step needs no request: the stage ends anyway); True when the stage must stop here."""
+    """Collective, after every step: publish the asynchronous saves that have finished writing,
+    save when due or when a requeue is requested (the last step needs no request: the stage
+    ends anyway); True when the stage must stop here, its checkpoint published."""
+    checkpoint.finalize_saves()
     stop = step < total and requested(run_dir)
     if due or stop:
         save(step)
     if stop:
+        checkpoint.finalize_saves(blocking=True)
         log.message(f"{stage}: stopped for requeue after step {step} (checkpoint saved)")
     return stop
 

@@ -74,11 +74,15 @@ class Session:
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return out
 
-    def save(self, step: int, state: dict, with_optimizer: bool = True) -> None:
-        """A checkpoint of the weights (and optimizer), the scheduler and the stage's own state."""
+    def save(self, step: int, state: dict, with_optimizer: bool = True, files: dict[str, bytes] | None = None) -> None:
+        """A checkpoint of the weights (and optimizer), the scheduler and the stage's own state
+        (files: name -> bytes, rank 0's), in the background under train.async_save, with the
+        recipe's retention (train.keep_last)."""
         state = {"stage": self.stage, **state, "scheduler": self.scheduler.state_dict(),
                  "hf_source": self.model.hf_source}
-        checkpoint.save(self.ckpt_root, step, self.model, self.optimizer if with_optimizer else None, state)
+        t = self.recipe.train
+        checkpoint.save(self.ckpt_root, step, self.model, self.optimizer if with_optimizer else None, state,
+                        files=files, asynchronous=t.async_save, keep_last=t.keep_last)
 
     def open_log(self, total_steps: int, start_step: int) -> RunLog:
         lg = self.recipe.logging
@@ -87,6 +91,7 @@ class Session:
                       progress=lg.progress, active=distributed.is_rank0())
 
     def close(self, log: RunLog, plot_keys: list[str]) -> None:
+        checkpoint.finalize_saves(blocking=True)  # an asynchronous save still writing is published first
         plot = log.close(plot_keys)
         if plot is not None:
             log.message(f"{self.stage}: metrics in {self.run_dir / 'metrics.jsonl'}, plot {plot}")

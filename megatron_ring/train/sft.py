@@ -12,32 +12,30 @@ from pathlib import Path
 
 import torch
 
-from megatron_ring.data.packing import document_attention_mask
-from megatron_ring.models.spec import te_by_default
 from megatron_ring.recipe import RecipeError
 from megatron_ring.train import checkpoint, preemption
 from megatron_ring.train.engine import Batch, forward_backward
 from megatron_ring.train.session import Session
-from megatron_ring.train.sft_data import Schedule, load_rows, rank_share
+from megatron_ring.train.sft_data import Schedule, load_rows, rank_share, row_capacity
 
 PLOT_KEYS = ["loss", "entropy", "grad_norm", "lr", "tokens_per_s", "step_time_s"]
 
 
-def micro_batch(rows, idx: torch.Tensor, packed: bool) -> Batch:
-    doc_ids = rows.doc_ids[idx]
-    return Batch(rows.input_ids[idx], rows.labels[idx], rows.loss_mask[idx],
-                 position_ids=rows.position_ids[idx] if packed else None,
-                 attention_mask=document_attention_mask(doc_ids) if packed else None)
+def micro_batch(data, idx: torch.Tensor, packed: bool) -> Batch:
+    """One micro-batch's tensors, read from the memory-mapped documents now."""
+    t = data.batch(idx.tolist())
+    return Batch(t["input_ids"], t["labels"], t["loss_mask"],
+                 position_ids=t["position_ids"] if packed else None,
+                 doc_ids=t["doc_ids"] if packed else None)
 
 
 def run(recipe, run_dir: str | Path) -> dict:
     """Train (or resume) the distillation stage of a recipe; returns the last step's metrics."""
     t = recipe.train
-    if recipe.data.pack and te_by_default():
-        raise RecipeError("data.pack: packed rows need a per-document attention mask, which the "
-                          "transformer-engine attention path does not take yet; set data.pack=false")
+    row_capacity(recipe)  # keys that do not fit together: said before the model is built
     session = Session(recipe, run_dir, "distill")
-    rows, report = load_rows(recipe, session.run_dir, session.tokenizer)
+    rows = load_rows(recipe, session.run_dir, session.tokenizer)
+    report = rows.report
     schedule = Schedule(len(rows), t.global_batch, t.epochs, t.seed)
     # A step-0 checkpoint is the untrained baseline for `select`, rebuilt from the recipe, never resumed.
     state = session.build_trainer(schedule.total_steps, resume_step0=False)
@@ -57,8 +55,9 @@ def run(recipe, run_dir: str | Path) -> dict:
         save(0)
 
     log = session.open_log(schedule.total_steps, start)
-    log.message(f"distill: {report['documents']} documents in {len(rows)} rows of {recipe.data.seq_length} "
-                f"(packing efficiency {report['packing_efficiency']:.1%}, {report['bad']} bad rows skipped); "
+    log.message(f"distill: {report['documents']} documents in {len(rows)} rows of {report['row_length']} "
+                f"(packing efficiency {report['packing_efficiency']:.1%}, {report['bad']} bad rows skipped; "
+                f"{report['prepared']}); "
                 f"{schedule.steps_per_epoch} steps/epoch x {t.epochs} epochs"
                 + (f"; resumed from {session.resumed_from}" if session.resumed_from is not None else ""))
     record: dict = {}
@@ -69,7 +68,7 @@ def run(recipe, run_dir: str | Path) -> dict:
                  for idx in rank_share(global_rows, session.dp, session.dp_rank, t.micro_batch)]
         out = session.optimizer_step(lambda ddp: forward_backward(ddp, micro))
         elapsed = time.perf_counter() - t0
-        real_tokens = int((rows.doc_ids[global_rows] >= 0).sum())
+        real_tokens = rows.tokens(global_rows.tolist())
         record = {"step": step, "epoch": round(schedule.epoch_of(step), 4), "loss": out["loss"],
                   "entropy": out["entropy"], "grad_norm": out["grad_norm"],
                   "lr": session.optimizer.param_groups[0]["lr"], "tokens": out["tokens"], "tokens_total": real_tokens,

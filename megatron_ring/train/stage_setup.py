@@ -36,7 +36,7 @@ def ensure_demo_data(recipe, run_dir: Path) -> None:
 def load_tokenizer(recipe, run_dir: Path, arch) -> ChatTokenizer:
     if not recipe.data.tokenizer:
         raise RecipeError("data.tokenizer: required (a Hugging Face tokenizer directory)")
-    tok = ChatTokenizer(expand(recipe.data.tokenizer, run_dir))
+    tok = ChatTokenizer(expand(recipe.data.tokenizer, run_dir), recipe.data.chat_template)
     if tok.vocab_size > arch.vocab_size:
         raise RecipeError(f"data.tokenizer: {tok.path} has {tok.vocab_size} tokens, more than the "
                           f"model's vocabulary ({arch.vocab_size})")
@@ -61,7 +61,8 @@ def build_initial_model(recipe, layout, run_dir: Path, load_init: bool = True):
     init = init_source(recipe, run_dir)
     arch = recipe.model.arch()
     model = build_model(arch, layout, params_dtype=params_dtype(recipe),
-                        aux_loss_coeff=recipe.model.aux_loss_coeff, z_loss_coeff=recipe.model.z_loss_coeff)
+                        aux_loss_coeff=recipe.model.aux_loss_coeff, z_loss_coeff=recipe.model.z_loss_coeff,
+                        recompute=recipe.train.recompute)  # the reference's passes are no-grad: no effect there
     model.hf_source = init.hf_source if init else None
     if init is not None and load_init:
         if init.reader is not None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megatron_ring.data.packing import document_attention_mask
+from megatron_ring.models.packed_docs import document_attention_mask
 from megatron_ring.models.builder import NormHeadLinear, build_model
 from megatron_ring.models.weights import load_hf
 from megatron_ring.platform import distributed

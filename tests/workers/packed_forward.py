@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_ring.data.packing import document_attention_mask
+from megatron_ring.models.packed_docs import document_attention_mask
 from megatron_ring.models.builder import build_model
 from megatron_ring.models.weights import load_hf
 from megatron_ring.ops import full_logits, logprob_entropy

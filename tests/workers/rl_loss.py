@@ -1,5 +1,6 @@
 """Worker: the RL loss through Megatron's schedule at a TP/EP layout, on fixed segments split into
-balanced micro-batches; saves the loss, metrics and HF-named gradients (rank 0)."""
+balanced micro-batches (rows, or --max-tokens > 0: token-sized micro-batches packed into one
+row); saves the loss, metrics and HF-named gradients (rank 0)."""
 
 import random
 from dataclasses import replace
@@ -33,22 +34,23 @@ def fixed_segments(vocab: int) -> list[Segment]:
     return segs
 
 
-def offset(labels: torch.Tensor, scale: float, phase: float) -> torch.Tensor:
-    """A deterministic per-(position, token) shift, so old/ref logprobs differ from the current
-    ones and both clip branches and the KL are exercised."""
-    pos = torch.arange(labels.shape[-1]).expand_as(labels).float()
-    return scale * torch.sin(labels.float() * 0.7 + pos * 1.3 + phase)
+def offset(labels: torch.Tensor, positions: torch.Tensor, scale: float, phase: float) -> torch.Tensor:
+    """A deterministic per-(position in the segment, token) shift, so old/ref logprobs differ from
+    the current ones and both clip branches and the KL are exercised."""
+    return scale * torch.sin(labels.float() * 0.7 + positions.float() * 1.3 + phase)
 
 
 def main():
-    a, layout, reader = start_model_worker(__doc__, micro_batch=2)
+    a, layout, reader = start_model_worker(__doc__, micro_batch=2, max_tokens=0)
     model = build_model(reader.arch, layout)
     load_hf(model, reader)
     ddp = wrap_ddp(model, use_distributed_optimizer=False)
     segs = fixed_segments(reader.arch.vocab_size)
-    mine = rank_balance.plan([segs], ps.get_data_parallel_world_size(), a.micro_batch, per_rank=False)[ps.get_data_parallel_rank()]
-    batches = [rl_batch.build(mb, 1, layout.tp, per_response_norm=False) for mb in mine]
-    batches = [replace(b, old_logp=logp + offset(b.labels, 0.4, 0.0), ref_logp=logp + offset(b.labels, 0.5, 1.0))
+    mine = rank_balance.plan([segs], ps.get_data_parallel_world_size(), a.micro_batch, per_rank=False,
+                             max_tokens=a.max_tokens)[ps.get_data_parallel_rank()]
+    batches = [rl_batch.build(mb, 1, layout.tp, per_response_norm=False, packed=a.max_tokens > 0) for mb in mine]
+    batches = [replace(b, old_logp=logp + offset(b.labels, b.positions(), 0.4, 0.0),
+                       ref_logp=logp + offset(b.labels, b.positions(), 0.5, 1.0))
                for b, logp in zip(batches, policy_loss.token_logprobs(ddp, batches, 1.0))]
     out = policy_loss.forward_backward(ddp, batches, policy_loss.LossConfig(PHI, **CFG))
     grads = hf_state_dict(model, value=lambda n, p: p.main_grad)
