@@ -32,6 +32,18 @@ log has them too, as EVENT lines). Two more test-only endpoints: POST /test_exit
 mid-push); POST /bench_receive {group_name, numel} receives one raw broadcast of numel bytes on
 every TP rank (what tools/bench_weight_sync.py measures a push against).
 
+Routed experts (rollout routing replay): with --enable-return-routed-experts, a /generate
+request with return_routed_experts true gets meta_info.routed_experts in SGLang 0.5.23's form
+(megatron_ring/rollout/routed_experts.py has what the wheel says): base64 of int32 [rows,
+num_hidden_layers, num_experts_per_tok], rows the positions [routed_experts_start_len,
+prompt + output - 1), each the top-k the reference forward's router chose for that token in the
+forward that read it (the prefill for prompt tokens, the decode step for an output token; the
+last output token is read by none). The ids are taken from hf_reference's own torch.topk call
+(RouterTap) and encoded here as SGLang's detokenizer does, not with megatron_ring's codec, so a
+client that reads the form wrongly fails. Without the flag such a request gets no field and no
+error, as in SGLang; a routed_experts_start_len outside [0, prompt] is refused with SGLang's 400.
+Synthetic mode has no router to report: the flag is refused there at startup.
+
 Synthetic mode (`--synthetic-vocab V`), for fleet and scheduling tests where the numbers do not
 matter but lengths and timing do: no model is loaded (--model-path is only reported); every row
 draws its length from a lognormal (median --synthetic-median-len, sigma --synthetic-len-sigma)
@@ -82,13 +94,47 @@ torch = dist = load_file = hf_forward = None  # imported by import_torch(): not 
 
 def import_torch() -> None:
     """torch takes seconds to import; a synthetic server (of a fleet of them) does not need it."""
-    global torch, dist, load_file, hf_forward
+    global torch, dist, load_file, hf_forward, ROUTER_TAP
     import torch
     import torch.distributed as dist
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hf_reference import hf_forward
+    import hf_reference
+
+    hf_reference.torch = ROUTER_TAP = RouterTap(torch)
+    hf_forward = hf_reference.hf_forward
+
+
+class RouterTap:
+    """hf_reference's `torch` (its alone): the same module, but torch.topk, which hf_reference
+    calls once per MoE layer, for the router's choice, also hands the expert ids to the calling
+    thread's open recording (requests are served on threads)."""
+
+    def __init__(self, real):
+        self.real, self.local = real, threading.local()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def topk(self, *args, **kwargs):
+        out = self.real.topk(*args, **kwargs)
+        layers = getattr(self.local, "layers", None)
+        if layers is not None:
+            layers.append(out.indices)
+        return out
+
+    def forward(self, sd, config, ids, record: bool):
+        """hf_forward's logits, and with record the routers' ids [positions, layers, top_k]."""
+        self.local.layers = [] if record else None
+        try:
+            logits = hf_forward(sd, config, ids)
+            return logits, torch.stack(self.local.layers, 1) if record else None
+        finally:
+            self.local.layers = None
+
+
+ROUTER_TAP: RouterTap | None = None
 
 
 GREEDY_BELOW = 1e-5  # SGLang samples greedily below this temperature
@@ -158,7 +204,9 @@ class Model:
         self.replace(sd, version)
         self.model_path = path
 
-    def sample(self, prompt: list[int], sp: dict, return_logprob: bool) -> dict:
+    def sample(self, prompt: list[int], sp: dict, return_logprob: bool, routed_from: int | None = None) -> dict:
+        """routed_from: also meta_info.routed_experts, of positions routed_from.. (SGLang's
+        routed_experts_start_len)."""
         start = time.monotonic()
         vocab = self.config["vocab_size"]
         if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
@@ -173,10 +221,13 @@ class Model:
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
         with self.lock:
             sd, version = self.sd, self.weight_version
-        seq, out, lps = list(prompt), [], []
+        seq, out, lps, routed = list(prompt), [], [], []
         finish = {"type": "length", "length": max_new}
         for _ in range(max_new):
-            logits = hf_forward(sd, self.config, torch.tensor([seq]))[0, -1]
+            logits, experts = ROUTER_TAP.forward(sd, self.config, torch.tensor([seq]), routed_from is not None)
+            logits = logits[0, -1]
+            if experts is not None:  # the prefill routes every prompt token, a decode step its new one
+                routed.append(experts if not routed else experts[-1:])
             if temperature < GREEDY_BELOW:
                 logp = torch.log_softmax(logits, -1)
                 tok = int(logits.argmax())
@@ -199,6 +250,9 @@ class Model:
                 "model_path": self.model_path, "e2e_latency": time.monotonic() - start}
         if return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out)]
+        if routed_from is not None and routed:  # as SGLang's detokenizer writes it
+            ids = torch.cat(routed)[routed_from:].to(torch.int32)
+            meta["routed_experts"] = base64.b64encode(ids.numpy().tobytes()).decode("utf-8")
         return {"text": "", "output_ids": out, "meta_info": meta}
 
 
@@ -225,7 +279,8 @@ class SyntheticModel:
             if version is not None:
                 self.weight_version = str(version)
 
-    def sample(self, prompt: list[int], sp: dict, return_logprob: bool) -> dict:
+    def sample(self, prompt: list[int], sp: dict, return_logprob: bool, routed_from: int | None = None) -> dict:
+        """routed_from is always None: --enable-return-routed-experts is refused in synthetic mode."""
         start = time.monotonic()
         vocab, eos = self.config["vocab_size"], self.config["eos_token_id"]
         if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
@@ -457,8 +512,9 @@ MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_T
 class State:
     def __init__(self, model, context_length: int, decode_latency_s: float = 0.0,
                  max_running_requests: int = 0, tp: int = 1, memory_saver: bool = False,
-                 weights_by_name: bool = True):
+                 weights_by_name: bool = True, routed_experts: bool = False):
         self.model = model
+        self.routed_experts = routed_experts  # --enable-return-routed-experts
         self.synthetic = isinstance(model, SyntheticModel)
         self.tp = tp
         self.memory_saver = memory_saver
@@ -531,7 +587,24 @@ class State:
                 f"completion. Please reduce the number of tokens in the input messages or the "
                 f"completion to fit within the limit.")
 
-    def generate(self, rows, return_logprob: bool) -> list[dict]:
+    def routed_from(self, body: dict, rows) -> int | None:
+        """Where the answers' routed experts start, None for none: SGLang checks
+        routed_experts_start_len whenever they are asked for, and reports them only when
+        started with --enable-return-routed-experts (else silently nothing)."""
+        if not body.get("return_routed_experts"):
+            return None
+        start = int(body.get("routed_experts_start_len", 0))
+        if start < 0:
+            raise BadRequest(f"recv_req.routed_experts_start_len={start} is lower than 0. "
+                             "Please use a non-negative routed_experts_start_len.")
+        shortest = min(len(prompt) for prompt, _ in rows)
+        if start > shortest:
+            raise BadRequest(f"recv_req.routed_experts_start_len={start} is higher than the number of input "
+                             f"tokens len(req.origin_input_ids)={shortest}. Please use a smaller "
+                             "routed_experts_start_len.")
+        return start if self.routed_experts else None
+
+    def generate(self, rows, return_logprob: bool, routed_from: int | None = None) -> list[dict]:
         """All rows of a request, holding len(rows) of the engine's running slots meanwhile."""
         k = len(rows)
         with self.capacity:
@@ -539,7 +612,7 @@ class State:
                                    or self.running + k <= self.max_running)
             self.running += k
         try:
-            results = [self.model.sample(p, sp, return_logprob) for p, sp in rows]
+            results = [self.model.sample(p, sp, return_logprob, routed_from) for p, sp in rows]
             if self.decode_latency_s > 0:
                 time.sleep(max(len(r["output_ids"]) for r in results) * self.decode_latency_s)
             return results
@@ -599,7 +672,7 @@ def handle(state: State, method: str, path: str, body: dict):
         single, rows = _rows(body)
         for prompt, sp in rows:
             state.check_length(prompt, sp)
-        results = state.generate(rows, bool(body.get("return_logprob")))
+        results = state.generate(rows, bool(body.get("return_logprob")), state.routed_from(body, rows))
         with state.events_lock:
             state.generated += 1
         return 200, results[0] if single else results
@@ -766,6 +839,8 @@ def main(argv=None):
                     help="allow /release_memory_occupation and /resume_memory_occupation")
     ap.add_argument("--no-weights-by-name", action="store_true",
                     help="refuse /get_weights_by_name, as SGLang does for Ling (BailingMoeForCausalLM)")
+    ap.add_argument("--enable-return-routed-experts", action="store_true",
+                    help="answer return_routed_experts with meta_info.routed_experts (not in synthetic mode)")
     ap.add_argument("--synthetic-vocab", type=int, default=0, help="> 0: synthetic mode, no model")
     ap.add_argument("--synthetic-median-len", type=float, default=200.0)
     ap.add_argument("--synthetic-len-sigma", type=float, default=0.8)
@@ -773,6 +848,8 @@ def main(argv=None):
     args, unknown = ap.parse_known_args(argv)
     if args.tp < 1:
         ap.error("--tp must be at least 1")
+    if args.enable_return_routed_experts and args.synthetic_vocab > 0:
+        ap.error("--enable-return-routed-experts: synthetic mode has no router whose experts it could report")
     if unknown:
         print(f"ignoring SGLang options {unknown}", file=sys.stderr)
     if args.synthetic_vocab > 0:
@@ -784,7 +861,7 @@ def main(argv=None):
         model = Model(args.model_path, args.dtype)
     context = args.context_length or model.config.get("max_position_embeddings") or 32768
     state = State(model, context, args.decode_latency_s, args.max_running_requests, args.tp,
-                  args.enable_memory_saver, not args.no_weights_by_name)
+                  args.enable_memory_saver, not args.no_weights_by_name, args.enable_return_routed_experts)
     server = Server((args.host, args.port), make_handler(state))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     mode = " (synthetic)" if state.synthetic else ""

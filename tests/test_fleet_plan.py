@@ -30,7 +30,7 @@ def test_paper_recipes_run_128_colocated_engines_behind_the_router():
     p = plan()
     assert (p.placement, p.url, p.engine_tp, p.engines, p.engines_per_node, p.hosts) == ("colocated", None, 2, 128, 4, 32)
     assert p.base_gpu_ids == [0, 2, 4, 6] and p.router and p.context_length == 32768
-    assert p.server_args == ["--dtype", "bfloat16", "--mem-fraction-static", "0.85", "--tp", "2", "--context-length", "32768",
+    assert p.server_args == ["--dtype", "bfloat16", "--mem-fraction-static", "0.85", "--enable-return-routed-experts", "--tp", "2", "--context-length", "32768",
                              "--enable-memory-saver"]  # rollout.offload: the engines release memory while the trainer trains
     assert (p.weight_sync, p.offload) == ("tensor", True)
     assert p.concurrency == 64 * p.engines  # one request per sample: every engine kept busy with 64 sequences

@@ -104,9 +104,11 @@ def test_grpo_on_the_same_rollouts(pipeline, tmp_path):
 
 
 def test_killed_rl_run_resumes_exactly(pipeline, tmp_path):
+    """With rollout routing replay and a bf16 sampler: the carried segments keep their routed
+    experts through the checkpoint, so the resumed steps replay the same routing."""
     root, _ = pipeline
     init = next((root / "distill" / "checkpoints").glob("iter_*"))
-    args = ["train.steps=4", "train.save_every_steps=2"]
+    args = ["train.steps=4", "train.save_every_steps=2", "rl.router_replay=r3", "rollout.sampler_dtype=bf16"]
     ref_dir = tmp_path / "ref"
     cli(*rl_run(ref_dir, init, *args))
     reference = metrics(ref_dir)
@@ -127,15 +129,19 @@ def test_killed_rl_run_resumes_exactly(pipeline, tmp_path):
     cli(*rl_run(run_dir, init, *args))
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # nothing lost or repeated
-    keys = ["loss", "tokens_in_loss", "grad_norm", "entropy", "kl", "carried_tokens", "reward_mean"]
+    keys = ["loss", "tokens_in_loss", "grad_norm", "entropy", "kl", "carried_tokens", "reward_mean", "prob_error",
+            "routing_agreement", "natural_routing_agreement"]
     for a, b in zip(resumed, reference):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, a["step"]
+    assert all(r["routing_agreement"] == 1.0 for r in reference if r["step"] > 0)
 
 
 def test_rl_with_an_sglang_server(pipeline, tmp_path, tiny_hf):
     """Rollouts from an SGLang-protocol server (the test server, started on random weights):
     the stage pushes its weights before the first rollout and after every step, so the server's
     logprobs match the trainer's (bf16 export: a small gap, not the nats of the random model).
+    With routing replay: the server reports each token's experts (its own router's), and the
+    training passes use exactly those.
     Then the server dies: the next run stops with an error naming it, the checkpoint intact."""
     from megatron_ring.platform.distributed import free_port
     from megatron_ring.rollout.sglang_client import SGLangClient
@@ -144,9 +150,11 @@ def test_rl_with_an_sglang_server(pipeline, tmp_path, tiny_hf):
 
     root, _ = pipeline
     init = next((root / "distill" / "checkpoints").glob("iter_*"))
-    server = launch(tiny_hf, tmp_path / "server.log", free_port(), command=TEST_SERVER, ready_timeout_s=60)
+    server = launch(tiny_hf, tmp_path / "server.log", free_port(), command=TEST_SERVER, ready_timeout_s=60,
+                    extra_args=["--enable-return-routed-experts"])
     run_dir = tmp_path / "sglang"
-    args = rl_run(run_dir, init, "rollout.engine=sglang", f"rollout.url={server.url}", "rollout.weight_sync=disk")
+    args = rl_run(run_dir, init, "rollout.engine=sglang", f"rollout.url={server.url}", "rollout.weight_sync=disk",
+                  "rl.router_replay=r3")
     try:
         cli(*args)
         assert SGLangClient(server.url).model_info().get("weight_version") == "2"
@@ -155,6 +163,7 @@ def test_rl_with_an_sglang_server(pipeline, tmp_path, tiny_hf):
     steps = [r for r in metrics(run_dir) if r["step"] > 0]
     assert [r["tokens_in_loss"] for r in steps] == [2 * PHI] * 2
     assert all(0 < r["logprob_gap"] < 0.05 for r in steps), [r["logprob_gap"] for r in steps]
+    assert all(r["routing_agreement"] == 1.0 and 0.5 < r["natural_routing_agreement"] <= 1.0 for r in steps)
 
     # A server given by URL may still be loading: the stage waits rollout.ready_timeout_s for it.
     r = subprocess.run([sys.executable, "-m", "megatron_ring.cli", *map(str, args), "train.steps=3",

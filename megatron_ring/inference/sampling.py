@@ -11,15 +11,24 @@ logits (to fp32 rounding).
 Each (prompt, sample) has its own seeded generator, drawn once per generated token, so samples
 do not depend on batch composition or on how prompts are split over ranks. All ranks run the
 same number of forward passes (MoE all-to-all and TP collectives need every rank): a rank with
-nothing left runs dummy steps."""
+nothing left runs dummy steps.
+
+With `routing`, each sample also keeps the experts every MoE layer chose for each position the
+forward read (prompt and response tokens but the last: models/router_replay.py), the rollout
+side of routing replay. With `bf16`, the forwards run under bf16 autocast (matmuls in bf16, as
+an inference engine's kernels would be) while the model itself stays in the trainer's dtype:
+the train-inference mismatch of a GPU run, on a CPU."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_ring.models.router_replay import DTYPE, routing_of
 from megatron_ring.ops.vocab_parallel import full_logits
 from megatron_ring.platform.distributed import any_rank, device
 from megatron_ring.inference.sampling_params import SamplingParams
@@ -31,6 +40,7 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)  # of each sampled token, after temperature
     entropies: list[float] = field(default_factory=list)  # of the full distribution, after temperature
     finish_reason: str = "length"  # "stop" when it produced the end-of-sequence token
+    routing: np.ndarray | None = None  # uint8 [prompt + tokens - 1, layers, k] when asked for
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]):
@@ -53,8 +63,9 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generat
 class _Batch:
     """One batch of prompts being sampled; `record` appends a sampled token."""
 
-    def __init__(self, prompts, keys, idx, params: SamplingParams, eos_id: int, limit: int, out):
+    def __init__(self, prompts, keys, idx, params: SamplingParams, eos_id: int, limit: int, out, routing: bool):
         self.seqs = {i: list(prompts[i]) for i in idx}
+        self.routes = {i: [] for i in idx} if routing else None  # per row: [positions, layers, k] chunks
         self.gens = {i: torch.Generator().manual_seed(params.seed * 1_000_003 + keys[i]) for i in idx}
         self.left = {i: params.max_new_tokens for i in idx}
         self.active = [i for i in idx if len(self.seqs[i]) < limit and params.max_new_tokens > 0]
@@ -73,9 +84,34 @@ class _Batch:
             return False
         return len(self.seqs[i]) < self.limit and self.left[i] > 0
 
+    def route(self, i: int, chosen: torch.Tensor) -> None:
+        """The experts chosen at row i's next positions (a chunk [positions, layers, k])."""
+        if self.routes is not None:
+            self.routes[i].append(chosen.cpu().numpy())
 
-def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int) -> None:
-    """Every step: a forward over each active row's prompt and tokens so far."""
+    def finish(self) -> None:
+        """Each sample's routing: the positions its forwards read, the last sampled token's
+        (never read) excluded; rows fed padding after their end are cut there."""
+        if self.routes is None:
+            return
+        for i, chunks in self.routes.items():
+            n = len(self.seqs[i]) - 1
+            if self.out[i].tokens and chunks:
+                r = np.concatenate(chunks)[:n].astype(DTYPE)
+                assert len(r) == n, (len(r), n)
+                self.out[i].routing = r
+
+
+def _forward(model, bf16: bool, *args, **kwargs):
+    """The model's forward, under bf16 autocast when the sampler plays a bf16 engine."""
+    autocast = torch.autocast(device().type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        return model(*args, **kwargs)
+
+
+def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int, bf16: bool) -> None:
+    """Every step: a forward over each active row's prompt and tokens so far (a row's routing:
+    that of the forward that sampled its last token)."""
     while any_rank(bool(b.active)):
         rows = [b.seqs[i] for i in b.active] or [[b.eos_id]]
         width = -(-max(map(len, rows)) // tp) * tp  # sequence parallelism splits the sequence
@@ -83,17 +119,20 @@ def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int) -> None:
         for r, s in enumerate(rows):
             ids[r, :len(s)] = torch.tensor(s)
         pos = torch.arange(width).expand(len(rows), width)
-        logits = full_logits(model(ids.to(device()), pos.to(device()), None), model.arch.vocab_size,
+        logits = full_logits(_forward(model, bf16, ids.to(device()), pos.to(device()), None), model.arch.vocab_size,
                              ps.get_tensor_model_parallel_group())
+        chosen = routing_of(model).chosen(len(rows), gather=True) if b.routes is not None else None
         if not b.active:
             continue
+        for r, i in enumerate(b.active if chosen is not None else ()):
+            b.routes[i] = [chosen[r, :len(rows[r])].cpu().numpy()]
         last = torch.tensor([len(s) - 1 for s in rows], device=logits.device)
         rows_idx = torch.arange(len(rows), device=logits.device)
         token, logp, ent = _pick(logits[rows_idx, last], params, [b.gens[i] for i in b.active])
         b.active = [i for r, i in enumerate(b.active) if b.record(i, int(token[r]), float(logp[r]), float(ent[r]))]
 
 
-def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
+def _cached_batch(model, b: _Batch, params: SamplingParams, bf16: bool) -> None:
     """Prefill to the shortest prompt, then one position per forward with the KV cache. A rank
     whose rows are done runs one-token forwards without a cache while others still sample."""
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -109,8 +148,12 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
         if rows and ctx.sequence_len_offset < end:
             t0 = ctx.sequence_len_offset
             pos = torch.arange(t0, t0 + ids.shape[1]).expand(ids.shape[0], -1)
-            logits = model(ids.to(device()), pos.to(device()), None, inference_context=ctx,
-                           runtime_gather_output=True)[:, -1, :vocab]
+            logits = _forward(model, bf16, ids.to(device()), pos.to(device()), None, inference_context=ctx,
+                              runtime_gather_output=True)[:, -1, :vocab]
+            if b.routes is not None:
+                chosen = routing_of(model).chosen(len(rows))
+                for r, i in enumerate(rows):
+                    b.route(i, chosen[r])
             ctx.sequence_len_offset += ids.shape[1]
             ctx.enable_decode_mode()
             t = ctx.sequence_len_offset  # the position whose token these logits predict
@@ -122,18 +165,19 @@ def _cached_batch(model, b: _Batch, params: SamplingParams) -> None:
                         b.active.remove(rows[r])
             ids = torch.tensor([[b.seqs[i][t] if t < len(b.seqs[i]) else b.eos_id] for i in rows], dtype=torch.long)
         else:  # nothing left here: keep the other ranks' collectives company
-            model(torch.full((1, 1), b.eos_id, dtype=torch.long, device=device()),
-                  torch.zeros((1, 1), dtype=torch.long, device=device()), None)
+            _forward(model, bf16, torch.full((1, 1), b.eos_id, dtype=torch.long, device=device()),
+                     torch.zeros((1, 1), dtype=torch.long, device=device()), None)
         if not any_rank(bool(b.active) and ctx.sequence_len_offset < end):
             return
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingParams, eos_id: int,
-             batch_size: int = 64) -> list[Sample]:
+             batch_size: int = 64, routing: bool = False, bf16: bool = False) -> list[Sample]:
     """Sample one response per prompt on this rank (keys: a global id per prompt for its seed).
     Collective over all ranks; ranks in one TP group must pass the same prompts. The model's
-    training mode is restored afterwards."""
+    training mode is restored afterwards. routing: keep each sample's routed experts; bf16:
+    sample under bf16 autocast."""
     was_training = model.training
     model.eval()
     out = [Sample() for _ in prompts]
@@ -142,10 +186,11 @@ def generate(model, prompts: list[list[int]], keys: list[int], params: SamplingP
     while any_rank(start < len(prompts)):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         start += batch_size
-        b = _Batch(prompts, keys, idx, params, eos_id, model.arch.max_position_embeddings, out)
+        b = _Batch(prompts, keys, idx, params, eos_id, model.arch.max_position_embeddings, out, routing)
         if tp == 1:
-            _cached_batch(model, b, params)
+            _cached_batch(model, b, params, bf16)
         else:
-            _recompute_batch(model, b, params, tp)
+            _recompute_batch(model, b, params, tp, bf16)
+        b.finish()
     model.train(was_training)
     return out

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ring.models.presets import LingArch
 from megatron_ring.models.recompute import recompute_kwargs
+from megatron_ring.models.router_replay import ModelRouting
 from megatron_ring.models.spec import ling_block_spec, te_by_default
 from megatron_ring.platform.layout import Layout
 
@@ -236,6 +237,7 @@ def build_model(
     with ctx:
         model = LingModel(arch, config, ling_block_spec(arch, use_te=use_te), vocab)
     model.use_te = use_te
+    model.routing = ModelRouting(model)  # the routers' replay slots (models/router_replay.py)
     if torch.cuda.is_available() and not meta_device:
         model.cuda(torch.cuda.current_device())  # as Megatron's get_model: any layer built on the CPU
     _mark_expert_params(model)

@@ -62,6 +62,13 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64  # embedded engine: prompts generated together per data-parallel rank
+    # Ask the engines for the experts every MoE layer chose per token (SGLang's
+    # --enable-return-routed-experts): the routing agreement is reported every step. Implied by
+    # rl.router_replay r3, which replays them in training.
+    routed_experts: bool = False
+    # embedded engine: "model" samples in the trainer's dtype; "bf16" under bf16 autocast while
+    # the trainer stays in fp32 (the train-inference mismatch of a GPU run, made visible on CPU).
+    sampler_dtype: Literal["model", "bf16"] = "model"
     max_rounds: int = 4  # c3po: rollout rounds within one step to fill the budget
     seed: int = 0
 
@@ -92,6 +99,16 @@ class RLSection:
     entropy_coef: float = 5e-4
     drop_zero_variance: bool = False  # drop groups whose K rewards are all equal (no advantage)
     tis_cap: float = 0.0  # truncated importance sampling against rollout logprobs; 0: off
+    # Masked importance sampling against the rollout engine: token: a token whose ratio
+    # pi_train/pi_rollout leaves [is_mask_low, is_mask_high] gets no loss; sequence: a response
+    # (its segment this step) whose geometric-mean ratio leaves the band gets none.
+    is_mask: Literal["off", "token", "sequence"] = "off"
+    is_mask_low: float = 0.5
+    is_mask_high: float = 2.0
+    # MoE routing in the training passes (models/router_replay.py): off: the trainer's routers
+    # decide; r3: the rollout engine's routing in the old, reference and training passes; r2:
+    # the old pass's routing in the training pass (needs ppo_epochs > 1: one epoch has no old pass).
+    router_replay: Literal["off", "r3", "r2"] = "off"
     ppo_epochs: int = 1  # optimizer steps on each step's selected tokens
     # The frozen reference model waits in host memory between its forward passes (GPU memory
     # for activations; costs a host-to-device copy of its weights per step).
@@ -101,6 +118,13 @@ class RLSection:
         check_positive(token_budget=self.token_budget, ppo_epochs=self.ppo_epochs)
         if self.tis_cap < 0:
             raise FieldError(f"must be >= 0 (0: off), got {self.tis_cap}", "tis_cap")
+        if not 0 <= self.is_mask_low < 1 < self.is_mask_high:
+            raise FieldError(f"the band must hold ratio 1: 0 <= is_mask_low < 1 < is_mask_high, got "
+                             f"[{self.is_mask_low}, {self.is_mask_high}]", "is_mask_low", "is_mask_high")
+        if self.router_replay == "r2" and self.ppo_epochs == 1:
+            raise FieldError("r2 replays the old pass's routing, and one PPO epoch has no old pass (the update "
+                             "is on-policy, its routing already the old one): use r3, off or ppo_epochs > 1",
+                             "router_replay", "ppo_epochs")
 
 
 @dataclass
@@ -141,12 +165,12 @@ class RewardSection:
         check_positive(timeout_s=self.timeout_s)
         if self.workers < 0:
             raise FieldError(f"must be >= 0 (0: the node's free CPUs), got {self.workers}", "workers")
+        if self.float_tolerance < 0:
+            raise FieldError(f"must be >= 0, got {self.float_tolerance}", "float_tolerance")
 
     def pool_size(self, ranks_per_node: int) -> int:
         """Verifier processes: `workers`, or every CPU of the node the trainer ranks leave."""
         return self.workers or max(1, (os.cpu_count() or 1) - ranks_per_node)
-        if self.float_tolerance < 0:
-            raise FieldError(f"must be >= 0, got {self.float_tolerance}", "float_tolerance")
 
 
 @dataclass
@@ -186,6 +210,14 @@ class RLRecipe:
                              "rollout.engine=sglang, engines the trainer starts (no rollout.url) and "
                              "cluster.sglang colocated; use weight_sync=distributed (or auto)",
                              "rollout.weight_sync", "rollout.url", "cluster.sglang")
+        if self.rollout.sampler_dtype != "model" and self.rollout.engine != "embedded":
+            raise FieldError("sampler_dtype is the embedded engine's (an SGLang server has its own --dtype)",
+                             "rollout.sampler_dtype", "rollout.engine")
+
+    @property
+    def routed_experts(self) -> bool:
+        """The engines report each token's routed experts."""
+        return self.rollout.routed_experts or self.rl.router_replay == "r3"
 
     @property
     def colocated(self) -> bool:

@@ -2,8 +2,9 @@
 32K-token responses a JSON list of token ids and logprobs is tens of MB of text per save, and
 float text round trips only by luck. Every Response field is an array: scalars one entry per
 segment, token lists concatenated with offsets (int64 ids, float64 logprobs: Python's own
-floats, so read back bit-exactly). The fields come from the Response dataclass, so a field
-added there is carried without a change here.
+floats, so read back bit-exactly); an array field (the routed experts) is its rows concatenated
+with offsets and a presence flag per segment. The fields come from the Response dataclass, so a
+field added there is carried without a change here.
 
 Rank 0 encodes at save time (the segments of that step, not of the step running while an async
 save finishes); checkpoint.save writes the bytes into the .tmp directory before it is sealed.
@@ -25,11 +26,12 @@ from megatron_ring.rl.responses import Response, Segment
 FILE = "carried_segments.npz"
 _SCALAR = {"int": np.int64, "float": np.float64, "str": np.str_}
 _LIST = {"list[int]": np.int64, "list[float]": np.float64}
+_ARRAY = "np.ndarray | None"
 
 
 def _fields() -> list[tuple[str, str]]:
     out = [(f.name, str(f.type)) for f in dataclasses.fields(Response)]
-    unknown = [f"{n}: {t}" for n, t in out if t not in _SCALAR and t not in _LIST]
+    unknown = [f"{n}: {t}" for n, t in out if t not in _SCALAR and t not in _LIST and t != _ARRAY]
     if unknown:  # a new Response field of a kind this file cannot hold
         raise TypeError(f"carried_segments: cannot store Response fields {unknown}")
     return out
@@ -43,6 +45,11 @@ def encode(segments: list[Segment]) -> bytes:
         values = [getattr(s.response, name) for s in segments]
         if kind in _SCALAR:
             arrays[name] = np.array(values, _SCALAR[kind]) if values else np.zeros(0, _SCALAR[kind])
+        elif kind == _ARRAY:
+            present = [v for v in values if v is not None]
+            arrays[name] = np.concatenate(present) if present else np.zeros(0, np.uint8)
+            arrays[name + ".present"] = np.array([v is not None for v in values], bool)
+            arrays[name + ".offsets"] = np.cumsum([0] + [0 if v is None else len(v) for v in values], dtype=np.int64)
         else:
             arrays[name] = np.array([x for v in values for x in v], _LIST[kind])
             arrays[name + ".offsets"] = np.cumsum([0] + [len(v) for v in values], dtype=np.int64)
@@ -59,7 +66,8 @@ def decode(path: Path) -> list[Segment]:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable carried-segments file ({type(e).__name__}: {e})") from None
     fields = _fields()
-    want = {"start", "end"} | {n for n, _ in fields} | {n + ".offsets" for n, k in fields if k in _LIST}
+    want = ({"start", "end"} | {n for n, _ in fields} | {n + ".offsets" for n, k in fields if k not in _SCALAR}
+            | {n + ".present" for n, k in fields if k == _ARRAY})
     if set(arrays) != want:
         raise CheckpointError(f"{path}: carried-segments arrays {sorted(arrays)}, expected {sorted(want)} "
                               "(saved by another version of Response)")
@@ -71,6 +79,11 @@ def decode(path: Path) -> list[Segment]:
             if len(a) != n:
                 raise CheckpointError(f"{path}: array {name} has {len(a)} entries, start has {n}")
             columns[name] = [x.item() for x in a]
+        elif kind == _ARRAY:
+            off, present = arrays[name + ".offsets"], arrays[name + ".present"]
+            if len(off) != n + 1 or off[-1] != len(a) or len(present) != n:
+                raise CheckpointError(f"{path}: array {name}.offsets/.present do not match {name} ({len(a)} rows)")
+            columns[name] = [a[off[i]:off[i + 1]] if present[i] else None for i in range(n)]
         else:
             off = arrays[name + ".offsets"]
             if len(off) != n + 1 or off[-1] != len(a):

@@ -20,7 +20,7 @@ from megatron_ring.train.init_source import resolve_selection
 from megatron_ring.train.session import Session
 
 PLOT_KEYS = ["reward_mean", "eval_accuracy", "tokens_in_loss", "response_len_mean", "step_time_s", "entropy",
-             "kl", "clip_frac", "grad_norm", "logprob_gap", "loss", "tokens_per_s"]
+             "kl", "clip_frac", "grad_norm", "logprob_gap", "prob_error", "routing_agreement", "loss", "tokens_per_s"]
 
 
 def run(recipe, run_dir) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class Response:
@@ -21,9 +23,15 @@ class Response:
     reward: float = 0.0
     advantage: float = 0.0
     version: int = 0  # the optimizer step whose weights sampled it
+    # The engine's routed experts, uint8 [prompt + tokens - 1, layers, top_k] (rollout/base.py's
+    # Completion.routing); None unless the recipe asks for them.
+    routing: np.ndarray | None = None
 
     def to_json(self) -> dict:
-        return dict(vars(self))
+        """Checkpoints before carried_segments.npz kept segments as JSON; they had no routing."""
+        d = dict(vars(self))
+        d.pop("routing")
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Response":

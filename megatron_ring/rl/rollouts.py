@@ -32,6 +32,7 @@ from megatron_ring.rl.prompt_stream import PromptStream
 from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.rl.rl_batch import RLBatch
 from megatron_ring.rl.token_budget import fill_buckets, tokens_of
+from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.factory import make_engine
 from megatron_ring.rollout.replay import record_round
 from megatron_ring.rollout.streamed_rewards import generate_scored, handed_over
@@ -51,6 +52,20 @@ def sampled_by(c, pushed: int) -> int:
         return int(c.weight_version)
     except (TypeError, ValueError):
         return pushed
+
+
+def checked_routing(c, prompt: list[int], shape: tuple[int, int] | None):
+    """The completion's routed experts when the recipe wants them: one row per position the
+    engine read, [layers, top_k] each (an engine that answers otherwise is named here, before a
+    wrong routing reaches a replayed forward)."""
+    if shape is None:
+        return None
+    want = (len(prompt) + len(c.tokens) - 1, *shape)
+    if c.routing is None or tuple(c.routing.shape) != want:
+        got = None if c.routing is None else tuple(c.routing.shape)
+        raise RolloutError(f"the rollout engine returned routed experts of shape {got}, expected {want} "
+                           "(prompt + response tokens - 1, MoE layers, top-k)")
+    return c.routing
 
 
 @dataclass
@@ -80,6 +95,8 @@ class Rollouts:
         self.cursor = saved["prompt_cursor"] if saved else 0
         self.pending = carried_segments.read(session.resumed_from, saved) if saved else []
         self.dp_rank_of = batch_transfer.dp_ranks()
+        arch = session.model.arch  # each response's routing: [positions, layers, top_k]
+        self.routing_shape = (arch.num_layers, arch.moe_topk) if recipe.routed_experts else None
         rw = recipe.reward  # the pool scores on rank 0 only
         self.pool = RewardPool(rw.pool_size(recipe.cluster.gpus_per_node), rw.timeout_s,
                                code_settings(recipe, self.run_dir)) if distributed.is_rank0() else None
@@ -198,7 +215,8 @@ class Rollouts:
                     continue  # nothing to learn from (the prompt filled the context)
                 res = next(results)
                 responses.append(Response(key * k + s, key, rows[i].domain, prompts[i], c.tokens, c.logprobs,
-                                          c.finish_reason, reward=res.reward, version=sampled_by(c, version)))
+                                          c.finish_reason, reward=res.reward, version=sampled_by(c, version),
+                                          routing=checked_routing(c, prompts[i], self.routing_shape)))
                 stats["reward_timeouts"] += res.timed_out
         if self.recipe.rollout.record:
             rewards = {(r.group, r.uid - r.group * k): r.reward for r in responses}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megatron_ring.inference.sampling_params import SamplingParams
 
 
@@ -23,6 +25,10 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # the sampler's logprob of each token
     finish_reason: str = "length"  # "stop" (end-of-sequence token), "length", or "abort"
     weight_version: str | None = None  # the engine's weight version that sampled it (SGLang's meta_info)
+    # The experts each MoE layer chose at every position the engine's forwards read (prompt and
+    # response tokens but the last), uint8 [prompt + tokens - 1, layers, top_k], UNKNOWN (255)
+    # where the engine did not report (models/router_replay.py); None unless asked for.
+    routing: np.ndarray | None = None
 
 
 class RolloutEngine:

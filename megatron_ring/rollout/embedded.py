@@ -17,10 +17,12 @@ from megatron_ring.rollout.base import Completion, RolloutEngine
 class EmbeddedEngine(RolloutEngine):
     collective = True  # every rank samples its share with the trainer's model
 
-    def __init__(self, model, eos_id: int, batch_size: int = 64):
+    def __init__(self, model, eos_id: int, batch_size: int = 64, routing: bool = False, bf16: bool = False):
+        """routing: report each sample's routed experts; bf16: sample under bf16 autocast."""
         self.model = model
         self.eos_id = eos_id
         self.batch_size = batch_size
+        self.routing, self.bf16 = routing, bf16
 
     def generate(self, prompts, n, params: SamplingParams, keys=None, on_group=None):
         keys = list(range(len(prompts))) if keys is None else keys
@@ -29,8 +31,9 @@ class EmbeddedEngine(RolloutEngine):
         mine = pairs[rank::dp]
         # A sample's seed key: its prompt's key and its index, so it is the same at any layout.
         samples = generate(self.model, [prompts[p] for p, _ in mine], [keys[p] * n + s for p, s in mine], params,
-                           self.eos_id, self.batch_size)
-        local = [(p, s, Completion(x.tokens, x.logprobs, x.finish_reason)) for (p, s), x in zip(mine, samples)]
+                           self.eos_id, self.batch_size, routing=self.routing, bf16=self.bf16)
+        local = [(p, s, Completion(x.tokens, x.logprobs, x.finish_reason, routing=x.routing))
+                 for (p, s), x in zip(mine, samples)]
         gathered = [None] * dp
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
         out = [[None] * n for _ in prompts]

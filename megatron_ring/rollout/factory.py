@@ -12,7 +12,8 @@ def make_engine(recipe, model, tokenizer, run_dir):
     if ro.engine == "embedded":
         from megatron_ring.rollout.embedded import EmbeddedEngine  # deferred: see the module docstring
 
-        return EmbeddedEngine(model, tokenizer.eos_id, ro.batch_size)
+        return EmbeddedEngine(model, tokenizer.eos_id, ro.batch_size, routing=recipe.routed_experts,
+                              bf16=ro.sampler_dtype == "bf16")
     if ro.engine == "replay":
         return ReplayEngine(expand(ro.replay_dir, run_dir))
     from megatron_ring.rollout.sglang_engine import SGLangEngine  # deferred: see the module docstring

@@ -12,7 +12,11 @@ after a backoff; through sglang-router the retry reaches another engine, and bef
 the fleet is asked to drop engines that stopped answering (`on_failure`), so an engine killed
 mid-round loses no sample. The round fails, with one error naming every engine, only when the
 fleet has none left or a request has used all its attempts. A 4xx is the request's own fault and
-is not retried."""
+is not retried.
+
+routing (a RoutingSpec): every request asks for its routed experts and every Completion carries
+them, parsed by the same code as a batch answer; a skipped prompt's samples get all-UNKNOWN
+routing of its positions."""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import aiohttp
 from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.rollout.base import Completion, RolloutError
 from megatron_ring.rollout.fleet_plan import clamp_max_new_tokens
-from megatron_ring.rollout.sglang_client import parse_generate, sampling_dict, sampling_seed
+from megatron_ring.rollout.routed_experts import RoutingSpec, unknown
+from megatron_ring.rollout.sglang_client import parse_generate, request_fields, sampling_dict, sampling_seed
 
 
 def open_files_for(connections: int, spare: int = 512) -> int:
@@ -45,8 +50,9 @@ class FleetClient:
 
     def __init__(self, url: str, *, concurrency: int = 256, timeout_s: float = 3600.0, attempts: int = 4,
                  context_length: int = 0, stop_token_ids: list[int] | None = None, on_failure=None,
-                 backoff_s: float = 0.5, backoff_max_s: float = 8.0):
+                 backoff_s: float = 0.5, backoff_max_s: float = 8.0, routing: RoutingSpec | None = None):
         self.url = url.rstrip("/")
+        self.routing = routing
         self.concurrency, self.timeout_s, self.attempts = concurrency, timeout_s, max(1, attempts)
         self.context_length, self.stop_token_ids = context_length, stop_token_ids
         self.on_failure = on_failure
@@ -89,15 +95,16 @@ class FleetClient:
         max_new = clamp_max_new_tokens(params.max_new_tokens, len(prompt), self.context_length)
         if max_new <= 0:
             self.stats["skipped_prompts"] += 1
-            return i, [Completion([], [], "length") for _ in range(n)]
+            return i, [Completion([], [], "length", routing=None if self.routing is None else
+                                  unknown(len(prompt), 0, self.routing)) for _ in range(n)]
         if max_new < params.max_new_tokens:
             self.stats["clamped_rows"] += n
         ids = [int(t) for t in prompt]
 
         async def sample(j: int) -> Completion:
             seed = None if key is None else sampling_seed(params.seed, key, j)
-            body = {"input_ids": ids, "sampling_params": sampling_dict(params, max_new, self.stop_token_ids, seed),
-                    "return_logprob": True, "logprob_start_len": -1}
+            body = request_fields({"input_ids": ids, "sampling_params": sampling_dict(
+                params, max_new, self.stop_token_ids, seed)}, self.routing is not None)
             async with gate:
                 return await self._post(http, body)
 
@@ -129,7 +136,7 @@ class FleetClient:
                 problem = f"HTTP {status}: {text[:300]}"
                 continue
             try:
-                return parse_generate([json.loads(raw)], 1, where)[0]
+                return parse_generate([json.loads(raw)], 1, where, self.routing, [len(body["input_ids"])])[0]
             except (json.JSONDecodeError, UnicodeDecodeError, RolloutError) as e:  # a half-written answer: ask again
                 problem = str(e)
         raise RolloutError(f"POST {where} failed after {self.attempts} attempt(s): {problem}")

@@ -21,6 +21,7 @@ from megatron_ring.recipe.typed import FieldError
 ENGINE_PORT = 30000  # engine j of a node listens on ENGINE_PORT + j
 ROUTER_PORT = 29000  # a dedicated fleet's router (its Prometheus exporter: ROUTER_PORT + 1, on 127.0.0.1)
 ROUTER_POLICY = "round_robin"
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"  # SGLang captures routing only when launched with it
 
 # server_args the fleet sets itself, and the recipe key that decides each.
 _FLEET_FLAGS = {
@@ -72,6 +73,7 @@ class FleetPlan:
     weight_bucket_mb: int = 512
     verify_tensors: int = 0
     offload: bool = False
+    routed_experts: bool = False  # every request asks for each token's routed experts (recipe.routed_experts)
 
     @classmethod
     def of(cls, recipe) -> "FleetPlan | None":
@@ -86,7 +88,8 @@ class FleetPlan:
                       concurrency=ro.concurrency, request_timeout_s=ro.request_timeout_s,
                       request_attempts=ro.request_attempts, ready_timeout_s=ro.ready_timeout_s,
                       control_timeout_s=ro.control_timeout_s, weight_sync=recipe.weight_sync,
-                      weight_bucket_mb=ro.weight_bucket_mb, verify_tensors=ro.verify_tensors, offload=recipe.offload)
+                      weight_bucket_mb=ro.weight_bucket_mb, verify_tensors=ro.verify_tensors, offload=recipe.offload,
+                      routed_experts=recipe.routed_experts)
         if ro.url:
             return cls(url=ro.url, placement="given", engine_tp=ro.engine_tp, engines=ro.engines,
                        engines_per_node=0, hosts=0, base_gpu_ids=[], router=False, context_length=context,
@@ -108,7 +111,10 @@ class FleetPlan:
                              f"{available * c.gpus_per_node} (at most {available * per_node_max} engines)",
                              "rollout.engines", "rollout.engine_tp", nodes_key)
         hosts = -(-engines // per_node)
-        args = [*map(str, ro.server_args), "--tp", str(ro.engine_tp), "--context-length", str(context)]
+        args = [*map(str, ro.server_args)]
+        if recipe.routed_experts and not _has_flag(args, ROUTED_EXPERTS_FLAG):
+            args.append(ROUTED_EXPERTS_FLAG)
+        args += ["--tp", str(ro.engine_tp), "--context-length", str(context)]
         if recipe.offload and "--enable-memory-saver" not in args:  # release/resume_memory_occupation need it
             args.append("--enable-memory-saver")
         return cls(url=None, placement=placement, engine_tp=ro.engine_tp, engines=engines, engines_per_node=per_node,
@@ -165,7 +171,15 @@ class FleetPlan:
             clamp += (f": the clamp binds (max_new_tokens >= context_length {self.context_length}): every request "
                       f"asks for {self.context_length} - prompt - 1 tokens, and a prompt that leaves no room is "
                       "skipped and counted")
-        return lines + [clamp, self._describe_weights()]
+        return lines + self._describe_routing() + [clamp, self._describe_weights()]
+
+    def _describe_routing(self) -> list[str]:
+        if not self.routed_experts:
+            return []
+        how = (f"the server must run with {ROUTED_EXPERTS_FLAG} (SGLang silently leaves them out without it)"
+               if self.placement == "given" else f"the engines run with {ROUTED_EXPERTS_FLAG}")
+        return [f"routed experts: every request asks for each token's experts per MoE layer "
+                f"(return_routed_experts; rollout.routed_experts or rl.router_replay r3); {how}"]
 
     def _describe_weights(self) -> str:
         how = {"disk": "every engine reloads an HF export from RUN_DIR/rollout_weights",
@@ -180,6 +194,10 @@ class FleetPlan:
             line += ("; offload: the trainer's gradient buffers, optimizer state and reference model leave the GPU "
                      "while the engines roll out, and the engines release KV cache and weights while it trains")
         return line
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a.split("=", 1)[0] == flag for a in args)
 
 
 def _check_server_args(server_args) -> None:

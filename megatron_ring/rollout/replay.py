@@ -5,9 +5,12 @@ rollouts. Replay checks that it is asked for the same prompts it recorded."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from megatron_ring.inference.sampling_params import SamplingParams
 from megatron_ring.rollout.streamed_rewards import handed_over
@@ -28,12 +31,26 @@ def record_round(root, keys: list[int], prompts: list[list[int]], completions: l
         for s, c in enumerate(group):
             lines.append(json.dumps({"key": key, "sample": s, "prompt_ids": prompt, "tokens": c.tokens,
                                      "logprobs": c.logprobs, "finish_reason": c.finish_reason,
-                                     "reward": rewards.get((key, s)), "text": decode(c.tokens)}))
+                                     "reward": rewards.get((key, s)), "text": decode(c.tokens),
+                                     **routing_fields(c.routing)}))
     path = round_path(root, keys[0])
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def routing_fields(routing) -> dict:
+    """A record's routed experts: base64 of the uint8 array and its shape (none without)."""
+    if routing is None:
+        return {}
+    return {"routed_experts": base64.b64encode(routing.tobytes()).decode(), "routed_experts_shape": list(routing.shape)}
+
+
+def routing_of_record(d: dict):
+    if "routed_experts" not in d:
+        return None
+    return np.frombuffer(base64.b64decode(d["routed_experts"]), np.uint8).reshape(d["routed_experts_shape"]).copy()
 
 
 class ReplayEngine(RolloutEngine):
@@ -55,7 +72,12 @@ class ReplayEngine(RolloutEngine):
             if i < 0 or d["prompt_ids"] != prompts[i]:
                 raise RolloutError(f"{path}:{ln}: recorded for other prompts (key {d['key']}); replay needs the "
                                    "same data, rollout.seed and rollout.prompts_per_step")
-            out.setdefault(d["key"], {})[d["sample"]] = Completion(d["tokens"], d["logprobs"], d["finish_reason"])
+            try:
+                routing = routing_of_record(d)
+            except (ValueError, TypeError, KeyError) as e:
+                raise RolloutError(f"{path}:{ln}: field routed_experts does not hold its shape ({e})") from None
+            out.setdefault(d["key"], {})[d["sample"]] = Completion(d["tokens"], d["logprobs"], d["finish_reason"],
+                                                                   routing=routing)
         if any(len(out.get(k, {})) != n for k in keys):
             raise RolloutError(f"{path}: recorded with another samples_per_prompt than {n}")
         groups = [[out[k][s] for s in range(n)] for k in keys]

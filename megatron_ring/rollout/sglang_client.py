@@ -14,6 +14,11 @@ per sample keeps the answer order ours (prompt-major) and every sample reproduci
 
 Logprobs: SGLang reports log-softmax(logits / temperature) of each sampled token (of the raw
 logits when greedy, temperature 0), the same quantity the embedded sampler returns.
+
+Routed experts (a RoutingSpec given): requests carry return_routed_experts and every Completion
+gets .routing from meta_info.routed_experts (rollout/routed_experts.py); an answer without it
+is an error, since SGLang silently drops the field on a server started without
+--enable-return-routed-experts.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import urllib.request
 from numbers import Real
 
 from megatron_ring.inference.sampling_params import SamplingParams
+from megatron_ring.rollout import routed_experts
 from megatron_ring.rollout.base import Completion, RolloutError
+from megatron_ring.rollout.routed_experts import RoutingSpec
 
 FINISH_TYPES = ("stop", "length", "abort")
 
@@ -116,17 +123,19 @@ class SGLangClient:
         return self.request("GET", "/model_info")
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
-                 keys: list[int] | None = None, stop_token_ids: list[int] | None = None
-                 ) -> list[list[Completion]]:
+                 keys: list[int] | None = None, stop_token_ids: list[int] | None = None,
+                 routing: RoutingSpec | None = None) -> list[list[Completion]]:
         """n completions per prompt. With keys, sample j of prompt i is seeded by
-        sampling_seed(params.seed, keys[i], j); without, the server picks its randomness."""
+        sampling_seed(params.seed, keys[i], j); without, the server picks its randomness.
+        routing: also each sample's routed experts (Completion.routing)."""
         if keys is not None and len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         if not prompts or n < 1:
             return [[] for _ in prompts]
-        body = generate_body(prompts, n, params, keys, stop_token_ids)
+        body = generate_body(prompts, n, params, keys, stop_token_ids, routing is not None)
         answer = self.post("/generate", body)
-        flat = parse_generate(answer, len(prompts) * n, f"{self.url}/generate")
+        flat = parse_generate(answer, len(prompts) * n, f"{self.url}/generate", routing,
+                              [len(p) for p in prompts for _ in range(n)])
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     # -- weights -----------------------------------------------------------------------------
@@ -215,7 +224,7 @@ def sampling_dict(params: SamplingParams, max_new_tokens: int, stop_token_ids: l
 
 
 def generate_body(prompts: list[list[int]], n: int, params: SamplingParams, keys: list[int] | None,
-                  stop_token_ids: list[int] | None) -> dict:
+                  stop_token_ids: list[int] | None, routed_experts: bool = False) -> dict:
     """A batched /generate request: one input_ids row per (prompt, sample), prompt-major, each
     with its own sampling_params (and seed, with keys)."""
     rows, sampling = [], []
@@ -224,7 +233,15 @@ def generate_body(prompts: list[list[int]], n: int, params: SamplingParams, keys
             seed = None if keys is None else sampling_seed(params.seed, keys[i], j)
             rows.append([int(t) for t in prompt])
             sampling.append(sampling_dict(params, params.max_new_tokens, stop_token_ids, seed))
-    return {"input_ids": rows, "sampling_params": sampling, "return_logprob": True, "logprob_start_len": -1}
+    return request_fields({"input_ids": rows, "sampling_params": sampling}, routed_experts)
+
+
+def request_fields(body: dict, routed_experts: bool) -> dict:
+    """The answer fields every /generate request asks for (batch or single)."""
+    body.update(return_logprob=True, logprob_start_len=-1)
+    if routed_experts:
+        body["return_routed_experts"] = True
+    return body
 
 
 def _check_success(answer, where: str) -> dict:
@@ -235,16 +252,21 @@ def _check_success(answer, where: str) -> dict:
     return answer
 
 
-def parse_generate(answer, expected: int, where: str) -> list[Completion]:
-    """Check a /generate batch answer field by field and turn it into Completions."""
+def parse_generate(answer, expected: int, where: str, routing: RoutingSpec | None = None,
+                   prompt_lens: list[int] | None = None) -> list[Completion]:
+    """Check a /generate batch answer field by field and turn it into Completions. routing:
+    the requests asked for routed experts; prompt_lens (one per result) place them."""
     if not isinstance(answer, list):
         raise RolloutError(f"{where}: expected a list of {expected} results, got {type(answer).__name__}")
     if len(answer) != expected:
         raise RolloutError(f"{where}: {len(answer)} results for {expected} requests")
-    return [_parse_one(item, f"{where}: result[{k}]") for k, item in enumerate(answer)]
+    if routing is not None and (prompt_lens is None or len(prompt_lens) != expected):
+        raise ValueError(f"routed experts need the prompt length of each of the {expected} results")
+    return [_parse_one(item, f"{where}: result[{k}]", routing, prompt_lens[k] if routing else 0)
+            for k, item in enumerate(answer)]
 
 
-def _parse_one(item, where: str) -> Completion:
+def _parse_one(item, where: str, routing: RoutingSpec | None = None, prompt_len: int = 0) -> Completion:
     def need(obj, key, kind, path):
         if not isinstance(obj, dict) or key not in obj:
             raise RolloutError(f"{where}: missing field {path}")
@@ -281,5 +303,12 @@ def _parse_one(item, where: str) -> Completion:
             raise RolloutError(f"{where}: field {path}[1] is token {t!r} but output_ids[{k}] is {tok}")
         logprobs.append(float(lp))
     version = meta.get("weight_version")
+    experts = None
+    if routing is not None:
+        if "routed_experts" not in meta:
+            raise RolloutError(f"{where}: missing field {routed_experts.FIELD} (SGLang leaves it out without "
+                               "--enable-return-routed-experts at the server's launch)")
+        experts = routed_experts.decode(meta["routed_experts"], prompt_len, len(ids), routing.layers,
+                                        routing.top_k, where)
     return Completion(tokens=list(ids), logprobs=logprobs, finish_reason=kind,
-                      weight_version=None if version is None else str(version))
+                      weight_version=None if version is None else str(version), routing=experts)

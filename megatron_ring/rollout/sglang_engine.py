@@ -25,6 +25,7 @@ from megatron_ring.rollout.base import Completion, RolloutEngine, RolloutError
 from megatron_ring.rollout.fleet import Fleet
 from megatron_ring.rollout.fleet_client import FleetClient
 from megatron_ring.rollout.fleet_plan import FleetPlan
+from megatron_ring.rollout.routed_experts import RoutingSpec
 from megatron_ring.rollout.sglang_client import SGLangClient
 from megatron_ring.rollout.sglang_server import SGLANG_COMMAND, SGLangServer, launch
 from megatron_ring.rollout.tensor_push import TensorPush
@@ -61,13 +62,15 @@ class SGLangEngine(RolloutEngine):
     push carries the step as the engines' weight_version and is then verified (weight_check).
     memory_saver: the engines free their KV cache and weights while the trainer trains
     (release_memory) and take them back around the next push.
+    routing: every Completion carries the experts each MoE layer chose (Completion.routing);
+    the engines must run with --enable-return-routed-experts (FleetPlan adds it to those it starts).
     """
 
     def __init__(self, client: SGLangClient, *, fleet: Fleet | None = None, server: SGLangServer | None = None,
                  weight_mode: str = "disk", weights_dir=None, export_dtype: torch.dtype = torch.bfloat16,
                  stop_token_ids: list[int] | None = None, sync: WeightGroup | TensorPush | None = None,
                  requests: dict | None = None, bucket_bytes: int = 512 << 20, verify_tensors: int = 0,
-                 memory_saver: bool = False):
+                 memory_saver: bool = False, routing: RoutingSpec | None = None):
         """requests: FleetClient options (concurrency, timeout_s, attempts, context_length)."""
         if weight_mode not in ("disk", "distributed", "tensor"):
             raise ValueError(f"weight_mode must be 'disk', 'distributed' or 'tensor', not {weight_mode!r}")
@@ -86,8 +89,9 @@ class SGLangEngine(RolloutEngine):
         self.staging = Staging()  # the push's two bucket buffers, kept from push to push
         options = {"attempts": client.attempts, "backoff_s": client.backoff_s, "backoff_max_s": client.backoff_max_s,
                    **(requests or {})}
+        self.routing = routing
         self.requests = FleetClient(self.fleet.url, stop_token_ids=stop_token_ids, on_failure=self.fleet.prune,
-                                    **options)
+                                    routing=routing, **options)
 
     @property
     def server(self) -> SGLangServer | None:
@@ -124,7 +128,8 @@ class SGLangEngine(RolloutEngine):
         """The recipe's engine (collective): rollout.url (a server or a router), or the fleet
         started on the model's current weights exported to run_dir/rollout_weights;
         rollout.weight_sync picks the push. A server given by URL serves its own weights until
-        the first push_weights."""
+        the first push_weights. recipe.routed_experts: each sample's routed experts too, of the
+        model's layers and top-k."""
         ro, run_dir = recipe.rollout, Path(run_dir)
         plan = FleetPlan.of(recipe)
         weights_dir = run_dir / "rollout_weights"
@@ -152,9 +157,10 @@ class SGLangEngine(RolloutEngine):
         except BaseException:
             fleet.close()
             raise
+        routing = RoutingSpec(model.arch.num_layers, model.arch.moe_topk) if recipe.routed_experts else None
         return cls(SGLangClient(fleet.url), fleet=fleet, weights_dir=weights_dir, stop_token_ids=[tokenizer.eos_id],
                    requests=requests, weight_mode=recipe.weight_sync, sync=sync, bucket_bytes=ro.weight_bucket_mb << 20,
-                   verify_tensors=ro.verify_tensors, memory_saver=recipe.offload)
+                   verify_tensors=ro.verify_tensors, memory_saver=recipe.offload, routing=routing)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams,
                  keys: list[int] | None = None, on_group=None) -> list[list[Completion]]:
