@@ -35,11 +35,13 @@ def test_replayed_routing_is_the_rollouts(tiny_hf, tmp_path, nproc, tp, ep, max_
     if not bf16:  # the same numbers on both sides: the routers agree and the logprobs match
         assert natural["natural_routing_agreement"] == 1.0
         assert got["lp_gap"]["replay"] < 2e-4 and replay["prob_error"] < 1e-4
+        assert replay["tight_masked_frac"] == 0.0 and replay["is_masked_frac"] == 0.0
     else:  # bf16 sampling: the routers disagree on some (token, layer), the logprobs differ by
         # bf16 rounding, the mismatch metrics see it, and replay removes the routing part of it
         assert natural["natural_routing_agreement"] < 1.0 and natural["routing_agreement_min"] < 1.0
         assert got["lp_gap"]["natural"] > 1e-3 and natural["prob_error"] > 1e-4 and natural["rollout_kl"] > 0
         assert replay["prob_error"] < natural["prob_error"] and replay["rollout_kl"] < natural["rollout_kl"]
+        assert 0 < natural["tight_masked_frac"] < 1  # masked IS (sequence level) drops some responses
 
 
 def _response(uid, p, n, layers=3, k=2, routed=True):

@@ -69,6 +69,9 @@ def main():
         result["lp_gap"][name] = gap
         ddp.zero_grad_buffer()
         result["metrics"][name] = policy_loss.forward_backward(ddp, bs, policy_loss.LossConfig(50))
+        ddp.zero_grad_buffer()  # masked IS in a band of +-1% around ratio 1
+        tight = policy_loss.LossConfig(50, is_mask="sequence", is_mask_low=0.99, is_mask_high=1.01)
+        result["metrics"][name]["tight_masked_frac"] = policy_loss.forward_backward(ddp, bs, tight)["is_masked_frac"]
     flags = torch.tensor([result["exact"], result["known"]], dtype=torch.float64)
     dist.all_reduce(flags[:1], op=dist.ReduceOp.MIN)
     dist.all_reduce(flags[1:], op=dist.ReduceOp.SUM)
