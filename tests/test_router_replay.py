@@ -28,6 +28,7 @@ def test_replayed_routing_is_the_rollouts(tiny_hf, tmp_path, nproc, tp, ep, max_
     got = read_json(out)
     assert got["tokens"] > 40 and got["known"] > 0
     assert got["exact"], "a replayed forward used other experts than the engine reported"
+    assert got["r2_exact"], "the old pass's routing replayed (r2) changed the experts or the log-probs"
     replay, natural = got["metrics"]["replay"], got["metrics"]["natural"]
     assert replay["routing_agreement"] == 1.0 and replay["routing_agreement_min"] == 1.0
     # Without replay the trainer's experts are its own: the routing used is the natural one.

@@ -3,10 +3,13 @@ responses (fp32, or under bf16 autocast with --bf16 1) and keeps their routed ex
 training passes then replay them: the forward-only pass (token_logprobs, capturing the experts
 each forward used) and the RL loss through Megatron's schedule, on padded rows or packed rows
 (--max-tokens > 0), with a C3PO-cut prefix and a carried remainder among the segments. The same
-passes without replay give the trainer's natural routing. Rank 0 saves a JSON of the checks."""
+passes without replay give the trainer's natural routing, which replayed (r2) gives the same
+experts and log-probs again; the actor hands the training forward the old pass's routing under r2, the
+rollout's under r3. Rank 0 saves a JSON of the checks."""
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -18,6 +21,7 @@ from megatron_ring.models.router_replay import UNKNOWN
 from megatron_ring.models.weights import load_hf
 from megatron_ring.platform import distributed
 from megatron_ring.rl import policy_loss, rank_balance, rl_batch
+from megatron_ring.rl.actor import Actor
 from megatron_ring.rl.responses import Response, Segment
 from megatron_ring.rollout.embedded import EmbeddedEngine
 from megatron_ring.train.engine import wrap_ddp
@@ -67,17 +71,30 @@ def main():
                 result["known"] += int(known.sum())
                 result["exact"] &= bool(torch.equal(u[known], b.routing[known]))
         result["lp_gap"][name] = gap
+        if name == "natural":  # r2: the old pass's routing replayed gives the same experts and logprobs
+            again = []
+            relogp = policy_loss.token_logprobs(ddp, [replace(b, replay=u) for b, u in zip(bs, used)], 1.0,
+                                                routing_out=again)
+            result["r2_exact"] = all(torch.equal(x, y) for x, y in zip(used, again)) and all(
+                torch.equal(x, y) for x, y in zip(logps, relogp))
+            # The actor's r2 and r3: what each has the training forward replay.
+            for mode, want in (("r2", used), ("r3", [b.routing for b in bs])):
+                actor = Actor(SimpleNamespace(ddp=ddp, reference=None), SimpleNamespace(
+                    router_replay=mode, ppo_epochs=2, reference_offload=False), 1.0)
+                out = actor.with_old_and_ref(bs)
+                result["r2_exact"] &= all(torch.equal(b.replay, w) for b, w in zip(out, want))
+                result["r2_exact"] &= all(torch.equal(b.old_logp, lp) for b, lp in zip(out, logps)) or mode == "r3"
         ddp.zero_grad_buffer()
         result["metrics"][name] = policy_loss.forward_backward(ddp, bs, policy_loss.LossConfig(50))
         ddp.zero_grad_buffer()  # masked IS in a band of +-1% around ratio 1
         tight = policy_loss.LossConfig(50, is_mask="sequence", is_mask_low=0.99, is_mask_high=1.01)
         result["metrics"][name]["tight_masked_frac"] = policy_loss.forward_backward(ddp, bs, tight)["is_masked_frac"]
-    flags = torch.tensor([result["exact"], result["known"]], dtype=torch.float64)
-    dist.all_reduce(flags[:1], op=dist.ReduceOp.MIN)
-    dist.all_reduce(flags[1:], op=dist.ReduceOp.SUM)
+    flags = torch.tensor([result["exact"], result["r2_exact"], result["known"]], dtype=torch.float64)
+    dist.all_reduce(flags[:2], op=dist.ReduceOp.MIN)
+    dist.all_reduce(flags[2:], op=dist.ReduceOp.SUM)
     gaps = torch.tensor([result["lp_gap"]["replay"], result["lp_gap"]["natural"]], dtype=torch.float64)
     dist.all_reduce(gaps, op=dist.ReduceOp.MAX)
-    result.update(exact=bool(flags[0]), known=int(flags[1]), lp_gap=dict(zip(("replay", "natural"), gaps.tolist())),
+    result.update(exact=bool(flags[0]), r2_exact=bool(flags[1]), known=int(flags[2]), lp_gap=dict(zip(("replay", "natural"), gaps.tolist())),
                   tokens=sum(len(c.tokens) for g in groups for c in g))
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
