@@ -84,10 +84,10 @@ class _Batch:
             return False
         return len(self.seqs[i]) < self.limit and self.left[i] > 0
 
-    def route(self, i: int, chosen: torch.Tensor) -> None:
+    def route(self, i: int, chosen: np.ndarray) -> None:
         """The experts chosen at row i's next positions (a chunk [positions, layers, k])."""
         if self.routes is not None:
-            self.routes[i].append(chosen.cpu().numpy())
+            self.routes[i].append(chosen)
 
     def finish(self) -> None:
         """Each sample's routing: the positions its forwards read, the last sampled token's
@@ -121,11 +121,11 @@ def _recompute_batch(model, b: _Batch, params: SamplingParams, tp: int, bf16: bo
         pos = torch.arange(width).expand(len(rows), width)
         logits = full_logits(_forward(model, bf16, ids.to(device()), pos.to(device()), None), model.arch.vocab_size,
                              ps.get_tensor_model_parallel_group())
-        chosen = routing_of(model).chosen(len(rows), gather=True) if b.routes is not None else None
+        chosen = routing_of(model).chosen(len(rows), gather=True).cpu().numpy() if b.routes is not None else None
         if not b.active:
             continue
         for r, i in enumerate(b.active if chosen is not None else ()):
-            b.routes[i] = [chosen[r, :len(rows[r])].cpu().numpy()]
+            b.routes[i] = [chosen[r, :len(rows[r])]]
         last = torch.tensor([len(s) - 1 for s in rows], device=logits.device)
         rows_idx = torch.arange(len(rows), device=logits.device)
         token, logp, ent = _pick(logits[rows_idx, last], params, [b.gens[i] for i in b.active])
@@ -151,7 +151,7 @@ def _cached_batch(model, b: _Batch, params: SamplingParams, bf16: bool) -> None:
             logits = _forward(model, bf16, ids.to(device()), pos.to(device()), None, inference_context=ctx,
                               runtime_gather_output=True)[:, -1, :vocab]
             if b.routes is not None:
-                chosen = routing_of(model).chosen(len(rows))
+                chosen = routing_of(model).chosen(len(rows)).cpu().numpy()  # one copy per step
                 for r, i in enumerate(rows):
                     b.route(i, chosen[r])
             ctx.sequence_len_offset += ids.shape[1]

@@ -9,7 +9,8 @@ row is UNKNOWN (prompt tokens an engine did not report, the last sampled token, 
 routed by the router itself. Unlike Megatron's process-global RouterReplay list, the state is
 per model, so the policy and the reference replay independently. Recomputation in backward
 (train.recompute) re-runs the router of the same micro-batch with the same target, so it picks
-the same experts.
+the same experts: that holds for Megatron's no-pipelining schedule (forward then backward of one
+micro-batch), the only one this project runs.
 
 Routing of a sequence is uint8 [tokens, layers, top_k] (expert ids, UNKNOWN = 255): at 32K
 tokens x 28 layers x top-6 that is 5.4 MB a response, the smallest type that holds Ling's 64
@@ -57,6 +58,9 @@ class ModelRouting:
     def __init__(self, model):
         from megatron.core.transformer.moe.router import TopKRouter
 
+        if model.config.num_moe_experts >= UNKNOWN:
+            raise ValueError(f"routing replay stores expert ids as uint8 with {UNKNOWN} for unknown: "
+                             f"{model.config.num_moe_experts} experts do not fit")
         self.sequence_parallel = model.config.sequence_parallel
         self.topk = model.config.moe_router_topk
         self.layers = []

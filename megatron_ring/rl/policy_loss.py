@@ -129,7 +129,9 @@ def _loss_func(batch: RLBatch, cfg: LossConfig, share: int, model, hidden: torch
              mismatch[0:1].sum(-1), (out.ratio * live).sum()[None], mismatch[1:].sum(-1),
              (out.is_masked * live).sum()[None], routes]
     report = torch.cat([p.double() for p in parts])  # float64: counts past 2**24 stay exact
-    worst = torch.cat([(mismatch.sum(-1) / n.clamp(min=1)).double(), (1 - routes[1] / routes[0].clamp(min=1))[None]])
+    # A micro-batch with nothing to compare (a dummy, no known routing) disagrees on nothing.
+    disagree = (routes[0] - routes[1]) / routes[0].clamp(min=1)
+    worst = torch.cat([(mismatch.sum(-1) / n.clamp(min=1)).double(), disagree[None]])
     return (out.loss, torch.tensor(share, dtype=torch.int, device=out.loss.device),
             {"rl": report, "rl_worst": worst})
 
