@@ -166,7 +166,7 @@ def test_ranks_wait_on_the_control_group_and_get_only_their_rows(tmp_path, monke
     assert all(g["waited_s"] >= 5.5 and g["divisor"] == 7 and g["dp_of"] == [0, 1] for g in got)
     for d, g in enumerate(got):
         assert g["mine"] == [[{"ids": [1, 2, 3 + d, 4], "lo": 1, "hi": 3, "weight": 0.5, "advantage": 1.0 + d,
-                               "logp": [-0.25, -0.5 - d]}], []]
+                               "logp": [-0.25, -0.5 - d], "routing": None}], []]
     short = tmp_path / "short"
     short.mkdir()
     with pytest.raises(pytest.fail.Exception, match="Timed out"):

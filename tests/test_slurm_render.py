@@ -80,7 +80,8 @@ def test_dedicated_fleet_job(tmp_path, monkeypatch):
     assert "#SBATCH --nodes=34\n" in text  # 32 training nodes + 2 SGLang nodes
     assert "--nodes=2" in text and '--nodelist="$(IFS=,; echo "${nodes[*]:32:2}")"' in text
     engine = ("python -m sglang.launch_server --model-path /data/models/Ling-lite-1.5 --dtype bfloat16 "
-              "--mem-fraction-static 0.85 --tp 2 --context-length 32768 --base-gpu-id {g} --port {p} --host 0.0.0.0 >> ")
+              "--mem-fraction-static 0.85 --enable-return-routed-experts --tp 2 --context-length 32768 --base-gpu-id {g} "
+                  "--port {p} --host 0.0.0.0 >> ")
     for j in range(4):
         assert text.count(engine.format(g=2 * j, p=30000 + j)) == 1
     # 7 engines: the second node runs slots 0-2 only.
