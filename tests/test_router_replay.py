@@ -30,7 +30,7 @@ def test_replayed_routing_is_the_rollouts(tiny_hf, tmp_path, nproc, tp, ep, max_
     assert got["exact"], "a replayed forward used other experts than the engine reported"
     assert got["r2_exact"], "the old pass's routing replayed (r2) changed the experts or the log-probs"
     replay, natural = got["metrics"]["replay"], got["metrics"]["natural"]
-    assert replay["routing_agreement"] == 1.0 and replay["routing_agreement_min"] == 1.0
+    assert replay["routing_agreement"] == 1.0 and replay["routing_agreement_min"] == 1.0 == replay["dummy_min"]
     # Without replay the trainer's experts are its own: the routing used is the natural one.
     assert natural["routing_agreement"] == natural["natural_routing_agreement"]
     if not bf16:  # the same numbers on both sides: the routers agree and the logprobs match

@@ -86,6 +86,11 @@ def main():
                 result["r2_exact"] &= all(torch.equal(b.old_logp, lp) for b, lp in zip(out, logps)) or mode == "r3"
         ddp.zero_grad_buffer()
         result["metrics"][name] = policy_loss.forward_backward(ddp, bs, policy_loss.LossConfig(50))
+        if name == "replay":  # a dummy micro-batch (a rank with less work) has nothing to compare
+            ddp.zero_grad_buffer()
+            dummy = rl_batch.from_rows([], 1, layout.tp, packed=a.max_tokens > 0)
+            result["metrics"][name]["dummy_min"] = policy_loss.forward_backward(
+                ddp, bs + [dummy], policy_loss.LossConfig(50))["routing_agreement_min"]
         ddp.zero_grad_buffer()  # masked IS in a band of +-1% around ratio 1
         tight = policy_loss.LossConfig(50, is_mask="sequence", is_mask_low=0.99, is_mask_high=1.01)
         result["metrics"][name]["tight_masked_frac"] = policy_loss.forward_backward(ddp, bs, tight)["is_masked_frac"]
