@@ -3,10 +3,7 @@ the clients asking for them only when told, the test server's report checked aga
 routers of a plain-PyTorch forward, and the fleet plan's server flag."""
 
 import base64
-import json
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from unittest import mock
 
 import numpy as np
@@ -27,7 +24,7 @@ from megatron_ring.rollout.sglang_engine import SGLangEngine
 from megatron_ring.rollout.sglang_server import launch
 from tests.conftest import ROOT
 from tests.hf_reference import hf_forward
-from tests.test_sglang_client import PROMPTS, TEST_SERVER, read_hf
+from tests.test_sglang_client import PROMPTS, TEST_SERVER, FakeServer, read_hf
 
 WHERE = "http://x/generate: result[0]"
 FLAG = "--enable-return-routed-experts"
@@ -81,40 +78,19 @@ def test_parse_only_when_asked():
         parse_generate([item], 1, "http://x/generate", spec, [2])  # placed at another prompt length
 
 
-class Recorder:
-    """Answers /generate with routed experts of the right size (ids = position % 8) and keeps
-    every request body."""
-
-    def __init__(self):
-        self.bodies = []
-        rec = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                rec.bodies.append(body)
-                rows = len(body["input_ids"]) + 2 - 1
-                ids = np.broadcast_to((np.arange(rows) % 8)[:, None, None], (rows, 3, 2))
-                raw = json.dumps(answer(len(body["input_ids"]), [4, 5],
-                                        encode(ids) if body.get("return_routed_experts") else None)).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+def routed_answer(body: dict) -> dict:
+    """A /generate answer of tokens [4, 5] with routed experts of the right size (ids =
+    position % 8) when the request asks for them."""
+    rows = len(body["input_ids"]) + 2 - 1
+    ids = np.broadcast_to((np.arange(rows) % 8)[:, None, None], (rows, 3, 2))
+    return answer(len(body["input_ids"]), [4, 5], encode(ids) if body.get("return_routed_experts") else None)
 
 
 def test_requests_carry_the_field_only_when_asked():
     params = SamplingParams(max_new_tokens=2)
     assert "return_routed_experts" not in generate_body(PROMPTS, 2, params, None, None)
     assert generate_body(PROMPTS, 2, params, None, None, True)["return_routed_experts"] is True
-    rec = Recorder()
+    rec = FakeServer([(200, routed_answer)])
     try:
         plain = FleetClient(rec.url).generate(PROMPTS, 2, params, keys=[0, 1, 2])
         assert all(c.routing is None for g in plain for c in g)
@@ -131,8 +107,7 @@ def test_requests_carry_the_field_only_when_asked():
                     assert c.routing.shape == (len(prompt) + 1, 3, 2)
                     assert (c.routing[:, 0, 0] == np.arange(len(prompt) + 1) % 8).all()
     finally:
-        rec.httpd.shutdown()
-        rec.httpd.server_close()
+        rec.close()
 
 
 # -- the test server's routers against a plain-PyTorch forward -----------------------------------

@@ -251,17 +251,21 @@ def test_malformed_answer_names_the_field(case):
 
 
 class FakeServer:
-    """Answers each POST with the next (status, body) of a script, then repeats the last."""
+    """Answers each POST with the next (status, body) of a script, then repeats the last; a
+    callable body is called with the request's JSON. Every request's JSON is kept in `bodies`."""
 
     def __init__(self, script):
-        self.script, self.calls = list(script), 0
+        self.script, self.calls, self.bodies = list(script), 0, []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or "null")
+                fake.bodies.append(request)
                 status, body = fake.script[min(fake.calls, len(fake.script) - 1)]
                 fake.calls += 1
+                if callable(body):
+                    body = body(request)
                 raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(raw)))

@@ -100,20 +100,26 @@ def mismatch_terms(train_logp: torch.Tensor, rollout_logp: torch.Tensor, live: t
     return torch.stack([d.abs(), torch.expm1(d.abs()), torch.expm1(d) - d]) * live
 
 
+def _sequence_ids(batch: RLBatch) -> torch.Tensor:
+    """The response each token belongs to, for the sequence-level IS mask: a packed row's
+    documents, else the row; [s*b] in the loss's token order."""
+    if batch.doc_ids is not None:
+        return flat(batch.doc_ids)
+    b, s = batch.input_ids.shape
+    return flat(torch.arange(b, device=batch.input_ids.device)[:, None].expand(b, s))
+
+
 def _loss_func(batch: RLBatch, cfg: LossConfig, share: int, model, hidden: torch.Tensor):
     m = unwrap(model)
     w = flat(batch.weights)
-    b, s = batch.input_ids.shape
-    # The response each token belongs to, for the sequence-level IS mask: a packed row's
-    # documents, else the row.
-    seq = batch.doc_ids if batch.doc_ids is not None else torch.arange(b, device=w.device)[:, None].expand(b, s)
+    seq = _sequence_ids(batch) if cfg.is_mask == "sequence" else None
     # normalizer 1: the kernel returns -sum_t w_t * objective_t; D is applied by Megatron (above).
     out = fused_c3po_loss(hidden, m.output_weight(), flat(batch.labels), flat(batch.advantages), w,
                           flat(batch.old_logp), flat(batch.ref_logp), normalizer=1.0,
                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                           entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
                           rollout_logp=flat(batch.rollout_logp), tis_cap=cfg.tis_cap, is_mask=cfg.is_mask,
-                          is_mask_low=cfg.is_mask_low, is_mask_high=cfg.is_mask_high, seq_ids=flat(seq),
+                          is_mask_low=cfg.is_mask_low, is_mask_high=cfg.is_mask_high, seq_ids=seq,
                           **head_args(model))
     live = (w != 0).float()
     n = live.sum()

@@ -35,6 +35,7 @@ from megatron_ring.rl.token_budget import fill_buckets, tokens_of
 from megatron_ring.rollout.base import RolloutError
 from megatron_ring.rollout.factory import make_engine
 from megatron_ring.rollout.replay import record_round
+from megatron_ring.rollout.routed_experts import rows_of
 from megatron_ring.rollout.streamed_rewards import generate_scored, handed_over
 from megatron_ring.train.offload import TrainerOffload
 
@@ -60,7 +61,7 @@ def checked_routing(c, prompt: list[int], shape: tuple[int, int] | None):
     wrong routing reaches a replayed forward)."""
     if shape is None:
         return None
-    want = (len(prompt) + len(c.tokens) - 1, *shape)
+    want = (rows_of(len(prompt), len(c.tokens)), *shape)
     if c.routing is None or tuple(c.routing.shape) != want:
         got = None if c.routing is None else tuple(c.routing.shape)
         raise RolloutError(f"the rollout engine returned routed experts of shape {got}, expected {want} "
